@@ -1,0 +1,57 @@
+# edge-model-loader: the one source of truth for setting up, running, testing and shipping.
+# `make run` and `make test` work on a fresh clone: they create .venv and install what is needed.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY = $(VENV)/bin/python
+BIN = $(VENV)/bin
+PORT ?= 8080
+HOST ?= 0.0.0.0
+DATA_DIR ?= ./var
+STAMP = $(VENV)/.installed
+
+.PHONY: help setup run test lint typecheck pytest bench clean services
+
+help:
+	@echo "make run [PORT=8080]   set up and serve the bundled default model (data in $(DATA_DIR))"
+	@echo "make test              set up, then ruff, mypy and pytest (installs mosquitto + Azurite for the twin tests)"
+	@echo "make bench             benchmarks (prints a table, writes bench/results.json)"
+	@echo "make image|push|deployment|lint   ship it as an IoT Edge module (see docs/deployment.md)"
+
+# Re-install when the project's dependencies change.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/edgeloader serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
+
+services:
+	bash scripts/install-test-services.sh
+
+lint: $(STAMP) lint-docker
+	$(BIN)/ruff check supervisor handlers tests bench
+	$(BIN)/mypy
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) services
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test: $(STAMP) services
+	$(BIN)/ruff check supervisor handlers tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) var .tools .mypy_cache .ruff_cache build dist *.egg-info
+
+-include mk/deploy.mk

@@ -1,0 +1,177 @@
+"""The handler interface: one model family's pre- and post-processing.
+
+A handler knows nothing about HTTP, disks or IoT Hub. Given an image it produces the input
+tensors; given the runtime's raw outputs it produces detections in coordinates normalised to
+the *original* image (0..1, clipped). The engine adds labels and pixel boxes.
+
+Handlers are registered in an explicit registry (``REGISTRY``) and chosen either by name
+(manifest ``handler``) or by matching the model's input/output signature.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "REGISTRY",
+    "Detection",
+    "Handler",
+    "HandlerMismatch",
+    "Prepared",
+    "Signature",
+    "TensorSpec",
+    "choose_handler",
+    "register",
+]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a model as the runtime reports it."""
+
+    name: str
+    shape: tuple[int | None, ...]  # None (or a symbolic dim) for a dynamic dimension
+    dtype: str  # numpy dtype name: "float32", "uint8", "int32", ...
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model's interface: what the handler registry matches on."""
+
+    format: str  # "onnx" or "tflite"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # Extra runtime facts a handler may need (e.g. TFLite quantization per input name:
+    # {"quantization": {"input": (scale, zero_point)}}).
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((o for o in self.outputs if o.name == name), None)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detection, box normalised to the original image: (xmin, ymin, xmax, ymax) in 0..1."""
+
+    class_id: int
+    score: float
+    box: tuple[float, float, float, float]
+
+
+@dataclass
+class Prepared:
+    """What preprocess hands to the runtime, plus what postprocess needs to undo it."""
+
+    feeds: dict[str, np.ndarray]
+    image_size: tuple[int, int]  # original (width, height)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class HandlerMismatch(Exception):
+    """No handler fits a model's signature (or the named one does not)."""
+
+
+class Handler(ABC):
+    """Base class of a model family.
+
+    Subclasses set ``name`` and implement ``matches``, ``preprocess`` and ``postprocess``.
+    One instance serves one loaded model and is shared by all worker threads: keep
+    per-request state in ``Prepared.meta``, never on ``self``.
+    """
+
+    name: ClassVar[str]
+    # A short human description, shown in /models.
+    description: ClassVar[str] = ""
+
+    def __init__(self, signature: Signature, options: Mapping[str, Any] | None = None) -> None:
+        self.signature = signature
+        self.options: Mapping[str, Any] = options or {}
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, signature: Signature) -> bool:
+        """True when this family can run a model with this signature."""
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(width, height) the model wants; the image decoder may decode JPEGs at reduced size
+        down to this (Pillow draft mode) because the image is resized to it anyway."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int | None:
+        """How many classes the outputs can name (to check the labels file); None if unknown."""
+        return None
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> Prepared:
+        """RGB PIL image (already decoded, maybe draft-reduced) -> runtime feeds.
+
+        ``Prepared.image_size`` must be the size of the image as given; the engine rescales
+        normalised boxes to the original pixels itself."""
+
+    @abstractmethod
+    def postprocess(self, outputs: Mapping[str, np.ndarray], prepared: Prepared) -> list[Detection]:
+        """Runtime outputs by name -> detections, normalised to the image, best first.
+
+        Return every detection above ``self.min_score``; the engine applies the request
+        threshold, label filter and max count."""
+
+    @property
+    def min_score(self) -> float:
+        """Lowest score worth returning (requests can ask for more, never for less)."""
+        return float(self.options.get("min_score", 0.05))
+
+
+REGISTRY: dict[str, type[Handler]] = {}
+
+
+def register(cls: type[Handler]) -> type[Handler]:
+    """Class decorator adding a handler to the registry under its ``name``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"handler {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def describe(signature: Signature) -> str:
+    def fmt(specs: Sequence[TensorSpec]) -> str:
+        return ", ".join(f"{s.name}{list(s.shape)}:{s.dtype}" for s in specs)
+
+    return f"{signature.format} inputs [{fmt(signature.inputs)}] outputs [{fmt(signature.outputs)}]"
+
+
+def choose_handler(
+    signature: Signature, name: str | None = None, options: Mapping[str, Any] | None = None
+) -> Handler:
+    """The handler for a model: the named one (checked), else the single family that matches."""
+    import handlers  # noqa: F401  (importing the package registers every family)
+
+    if name:
+        cls = REGISTRY.get(name)
+        if cls is None:
+            raise HandlerMismatch(f"unknown handler {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        if not cls.matches(signature):
+            raise HandlerMismatch(f"handler {name!r} does not fit the model: {describe(signature)}")
+        return cls(signature, options)
+    fits = [cls for cls in REGISTRY.values() if cls.matches(signature)]
+    if not fits:
+        raise HandlerMismatch(
+            f"no handler matches the model signature ({describe(signature)}); "
+            f"set 'handler' in model.json to one of: {', '.join(sorted(REGISTRY))}"
+        )
+    if len(fits) > 1:
+        raise HandlerMismatch(
+            f"several handlers match ({', '.join(c.name for c in fits)}); name one in model.json"
+        )
+    return fits[0](signature, options)

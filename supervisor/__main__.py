@@ -1,0 +1,92 @@
+"""The command line: ``edgeloader serve | pack | verify | twin-patch``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from supervisor import __version__
+
+__all__ = ["main"]
+
+
+def _serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="edgeloader serve",
+        description="Serve the active model over HTTP and watch for new ones. Flags beat EDGELOADER_* "
+        "environment variables, which beat config/settings.toml.",
+    )
+    parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    parser.add_argument("--data-dir", type=Path, help="model repository and drop folders (default ./var)")
+    parser.add_argument("--model", type=Path, help="import this model file, folder or zip and activate it")
+    parser.add_argument("--config", type=Path, help="a settings file instead of config/settings.toml")
+    parser.add_argument("--twin", choices=["auto", "off"], help="IoT Hub twin watcher (default auto)")
+    args = parser.parse_args(argv)
+
+    from aiohttp import web
+
+    from supervisor.app import ImportFailed, build_app
+    from supervisor.logs import configure_logging
+    from supervisor.settings import load_settings
+
+    try:
+        settings = load_settings(
+            {"host": args.host, "port": args.port, "data_dir": args.data_dir, "twin": args.twin},
+            config_file=args.config,
+        )
+    except ValueError as exc:
+        print(f"edgeloader: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    app = build_app(settings, import_path=args.model)
+    try:
+        # run_app turns SIGTERM/SIGINT into a graceful stop: listeners close, in-flight requests
+        # get shutdown_timeout seconds, then cleanup_ctx leaves the services in reverse order.
+        web.run_app(app, host=settings.host, port=settings.port, access_log=None,
+                    shutdown_timeout=10.0, print=None)
+    except ImportFailed as exc:
+        print(f"edgeloader: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {
+        "serve": "serve the active model over HTTP (the module's main process)",
+        "pack": "build a model package (zip with manifest and SHA-256 of each file) from a folder",
+        "verify": "validate a model package without activating it",
+        "twin-patch": "print the module-twin desired properties that point devices at a package",
+    }
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"edgeloader {__version__}\n\nusage: edgeloader COMMAND [options]\n\ncommands:")
+        for name, text in commands.items():
+            print(f"  {name:<11} {text}")
+        print("\n'edgeloader COMMAND --help' tells more.")
+        return 0
+    if argv[0] == "--version":
+        print(__version__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return _serve(rest)
+    if command == "pack":
+        from supervisor.packcli import pack_main
+
+        return pack_main(rest)
+    if command == "verify":
+        from supervisor.packcli import verify_main
+
+        return verify_main(rest)
+    if command == "twin-patch":
+        from supervisor.twinpatch import main as twin_patch_main
+
+        return twin_patch_main(rest)
+    print(f"edgeloader: unknown command {command!r}; try 'edgeloader --help'", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""HTTP routes. Handlers here only parse requests and shape responses; the engine and the
+pipeline do the work. Every error leaves as JSON ``{"error": {"code", "message"}}`` (errors.py)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from handlers.imaging import ImageDecodeError, ImageTooLarge, UnsupportedImageType
+
+from supervisor.engine import DetectResult
+from supervisor.errors import (
+    BadRequest,
+    EdgeLoaderError,
+    NoModelLoaded,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS
+from supervisor.openapi import openapi_document
+
+__all__ = ["error_middleware", "request_log_middleware", "routes"]
+
+log = structlog.get_logger("edgeloader.api")
+routes = web.RouteTableDef()
+
+_IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/bmp", "image/x-ms-bmp", "image/webp"}
+_RAW_TYPES = {"application/octet-stream", ""}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Typed errors and aiohttp's own HTTP errors become JSON; anything else is a logged 500."""
+    try:
+        return await handler(request)
+    except EdgeLoaderError as exc:
+        return json_error(exc.status, exc.code, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        return json_error(exc.status, code, message or exc.reason)
+    except Exception:
+        log.exception("unhandled_error", path=request.path)
+        return json_error(500, "internal_error", "internal error; see the service log")
+
+
+@web.middleware
+async def request_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One log line per request, with a request id (X-Request-ID or a new one) and timing."""
+    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-ID"] = request_id
+        return response
+    finally:
+        if request.path not in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+            log.info("request", method=request.method, path=request.path, status=status,
+                     ms=round((time.perf_counter() - start) * 1000, 2))
+        structlog.contextvars.unbind_contextvars("request_id", "model", "model_version")
+
+
+# -- detection ----------------------------------------------------------------------------------------
+
+
+def _query_params(request: web.Request) -> tuple[float | None, int | None, frozenset[str] | None]:
+    q = request.query
+    threshold = maxn = None
+    try:
+        if "threshold" in q:
+            threshold = float(q["threshold"])
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError
+    except ValueError:
+        raise BadRequest("'threshold' must be a number between 0 and 1") from None
+    try:
+        if "max" in q:
+            maxn = int(q["max"])
+            if maxn < 1:
+                raise ValueError
+    except ValueError:
+        raise BadRequest("'max' must be a whole number of at least 1") from None
+    labels = frozenset(s.strip() for s in q["labels"].split(",") if s.strip()) if q.get("labels") else None
+    return threshold, maxn, labels
+
+
+async def _read_image(request: web.Request) -> bytes:
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body of {request.content_length} bytes is over the {limit}-byte limit")
+    ctype = request.content_type.lower()
+    if ctype.startswith("multipart/"):
+        reader = await request.multipart()
+        async for part in reader:
+            if getattr(part, "name", None) == "image":
+                data = await part.read(decode=False)  # type: ignore[union-attr]
+                break
+        else:
+            raise BadRequest("multipart body has no 'image' field")
+    elif ctype in _IMAGE_TYPES or ctype in _RAW_TYPES:
+        data = await request.read()
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {ctype!r}: send image/jpeg, image/png, image/bmp, image/webp, "
+            "application/octet-stream or multipart/form-data with an 'image' field"
+        )
+    if not data:
+        raise BadRequest("empty body: send the image bytes")
+    return bytes(data)
+
+
+async def _detect(request: web.Request) -> DetectResult:
+    threshold, maxn, labels = _query_params(request)
+    data = await _read_image(request)
+    try:
+        result = await request.app[ENGINE].detect(data, threshold, maxn, labels)
+    except ImageDecodeError as exc:
+        raise BadRequest(f"cannot decode the image: {exc}") from exc
+    except UnsupportedImageType as exc:
+        raise UnsupportedMediaType(str(exc)) from exc
+    except ImageTooLarge as exc:
+        raise PayloadTooLarge(str(exc)) from exc
+    structlog.contextvars.bind_contextvars(model=result.model.name, model_version=result.model.version)
+    return result
+
+
+@routes.post("/detect")
+async def detect(request: web.Request) -> web.Response:
+    result = await _detect(request)
+    return web.json_response({
+        "model": {"name": result.model.name, "version": result.model.version},
+        "image": {"width": result.width, "height": result.height},
+        "detections": result.detections,
+        "timing_ms": result.timing_ms,
+    })
+
+
+@routes.post("/score")
+async def score(request: web.Request) -> web.Response:
+    """The Azure video-analytics HTTP extension format, as the original module's /score spoke it."""
+    result = await _detect(request)
+    inferences = []
+    for det in result.detections:
+        b = det["box_normalized"]
+        inferences.append({
+            "type": "entity",
+            "entity": {
+                "tag": {"value": det["label"], "confidence": det["score"]},
+                "box": {"l": b["xmin"], "t": b["ymin"], "w": round(b["xmax"] - b["xmin"], 5),
+                        "h": round(b["ymax"] - b["ymin"], 5)},
+            },
+        })
+    return web.json_response({"inferences": inferences})
+
+
+# -- health and metadata ----------------------------------------------------------------------------
+
+
+@routes.get("/healthz")
+@routes.get("/v2/health/live")
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+@routes.get("/v2/health/ready")
+async def ready(request: web.Request) -> web.Response:
+    model = request.app[ENGINE].active
+    if model is None:
+        raise NoModelLoaded("no model loaded yet")
+    return web.json_response({"status": "ready", "model": {"name": model.info.name, "version": model.info.version}})
+
+
+def _active_named(request: web.Request) -> Any:
+    model = request.app[ENGINE].active
+    name = request.match_info["name"]
+    if model is None or model.info.name != name:
+        known = {v.name for v in request.app[REPOSITORY].versions()}
+        if name in known:
+            return None
+        raise NotFound(f"no model named {name!r}")
+    return model
+
+
+@routes.get("/v2/models/{name}")
+async def v2_model(request: web.Request) -> web.Response:
+    model = _active_named(request)
+    if model is None:
+        raise NoModelLoaded(f"model {request.match_info['name']!r} is stored but not loaded")
+    sig = model.runtime.signature
+
+    def tensors(specs: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": s.name, "datatype": s.dtype.upper(), "shape": [d if d else -1 for d in s.shape]} for s in specs
+        ]
+
+    return web.json_response({
+        "name": model.info.name,
+        "versions": [model.info.version],
+        "platform": f"{sig.format}",
+        "inputs": tensors(sig.inputs),
+        "outputs": tensors(sig.outputs),
+    })
+
+
+@routes.get("/v2/models/{name}/ready")
+async def v2_model_ready(request: web.Request) -> web.Response:
+    if _active_named(request) is None:
+        raise NoModelLoaded(f"model {request.match_info['name']!r} is stored but not loaded")
+    return web.json_response({"name": request.match_info["name"], "ready": True})
+
+
+# -- the repository ---------------------------------------------------------------------------------
+
+
+@routes.get("/models")
+async def list_models(request: web.Request) -> web.Response:
+    repo = request.app[REPOSITORY]
+    engine = request.app[ENGINE]
+    active = engine.active
+    current = repo.current()
+    previous = repo.previous()
+    versions = []
+    for v in reversed(repo.versions()):
+        state = "stored"
+        if active is not None and (active.info.name, active.info.version) == v.key:
+            state = "active"
+        elif previous is not None and previous.key == v.key:
+            state = "previous"
+        r = v.record
+        versions.append({
+            "name": v.name, "version": v.version, "state": state,
+            "handler": r.get("handler"), "sha256": r.get("model_sha256"),
+            "package": r.get("package"), "package_sha256": r.get("package_sha256"),
+            "source": r.get("source"), "installed_at": r.get("installed_at"),
+        })
+    return web.json_response({
+        "active": active.info.public() if active else None,
+        "current_on_disk": f"{current.name}/{current.version}" if current else None,
+        "versions": versions,
+        "rejected": request.app[PIPELINE].quarantine.entries(),
+        "events": [e.to_dict() for e in request.app[EVENTS].history][-50:],
+    })
+
+
+@routes.post("/models/{name}/{version}/activate")
+async def activate(request: web.Request) -> web.Response:
+    name, version = request.match_info["name"], request.match_info["version"]
+    stored = await request.app[PIPELINE].activate(name, version, source="api")
+    return web.json_response({"active": {"name": stored.name, "version": stored.version}})
+
+
+@routes.post("/models/rollback")
+async def rollback(request: web.Request) -> web.Response:
+    stored = await request.app[PIPELINE].rollback(source="api")
+    return web.json_response({"active": {"name": stored.name, "version": stored.version}})
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())

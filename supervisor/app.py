@@ -1,0 +1,124 @@
+"""Builds the aiohttp application and its services.
+
+Services are entered in order through ``cleanup_ctx`` and left in reverse: the engine and the
+model first (the API answers 503 until a model is ready), then the folder watcher, then the twin
+watcher. Each background service runs under ``supervised`` (restart with backoff)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from supervisor.api import error_middleware, request_log_middleware, routes
+from supervisor.engine import Engine
+from supervisor.events import EventBus
+from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS
+from supervisor.pipeline import Pipeline
+from supervisor.repository import Repository
+from supervisor.settings import Settings
+from supervisor.supervise import supervised
+
+__all__ = ["ImportFailed", "build_app"]
+
+log = structlog.get_logger(__name__)
+
+
+class ImportFailed(RuntimeError):
+    """The model given with --model was rejected."""
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    engine = Engine(
+        workers=settings.worker_count,
+        runtime_threads=settings.runtime_threads,
+        max_image_pixels=settings.max_image_pixels,
+        default_threshold=settings.score_threshold,
+    )
+    repo = Repository(settings.data_dir)
+    repo.ensure_layout()
+    pipeline = Pipeline(settings, repo, engine, app[EVENTS])
+    app[ENGINE], app[REPOSITORY], app[PIPELINE] = engine, repo, pipeline
+    await pipeline.start()
+    active = engine.active
+    log.info("serving", model=active.info.name if active else None, version=active.info.version if active else None,
+             handler=active.info.handler if active else None, data_dir=str(settings.data_dir))
+    yield
+    await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+
+
+async def import_model(pipeline: Pipeline, path: Path) -> None:
+    """--model: copy a file, folder or zip into staging, run it through the pipeline, activate it."""
+    if not path.exists():
+        raise ImportFailed(f"--model {path}: no such file or folder")
+    # A dot-name in staging is ignored by the folder watcher: the pipeline gets it only from here.
+    copy = pipeline.staging_dir / f".import-{uuid.uuid4().hex[:8]}-{path.name}"
+    loop = asyncio.get_running_loop()
+    if path.is_dir():
+        await loop.run_in_executor(None, shutil.copytree, path, copy)
+    else:
+        await loop.run_in_executor(None, shutil.copyfile, path, copy)
+    version = await pipeline.process(copy, source="cli")
+    if version is None:
+        rejected = [e for e in pipeline.events.history if e.state == "rejected" and e.package == copy.name]
+        reason = rejected[-1].reason if rejected else "see the log"
+        raise ImportFailed(f"--model {path} was rejected: {reason}")
+    await pipeline.activate(version.name, version.version, source="cli")
+
+
+async def _import_ctx(app: web.Application) -> AsyncIterator[None]:
+    path = app.get(IMPORT_PATH)
+    if path is not None:
+        await import_model(app[PIPELINE], path)
+    yield
+
+
+async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    from supervisor.watcher import PackageWatcher
+
+    settings = app[SETTINGS]
+    watcher = PackageWatcher(app[PIPELINE], settings.inbox_dir, settings.staging_dir, settings.settle_seconds)
+    async with supervised("package-watcher", watcher.run):
+        yield
+
+
+async def _twin_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if settings.twin == "off":
+        log.info("twin_disabled", reason="EDGELOADER_TWIN=off: models arrive through the drop folder only")
+        yield
+        return
+    from supervisor.twin import TwinService
+
+    service = TwinService(settings, app[PIPELINE])
+    async with supervised("twin-watcher", service.run):
+        yield
+
+
+IMPORT_PATH = web.AppKey("import_path", Path)
+
+
+def build_app(settings: Settings, import_path: Path | None = None, services: bool = True) -> web.Application:
+    """The whole service as one aiohttp app. ``services=False`` leaves out the folder and twin
+    watchers (tests that drive the pipeline themselves)."""
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[request_log_middleware, error_middleware],
+    )
+    app[SETTINGS] = settings
+    app[EVENTS] = EventBus()
+    if import_path is not None:
+        app[IMPORT_PATH] = import_path
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_engine_ctx)
+    app.cleanup_ctx.append(_import_ctx)
+    if services:
+        app.cleanup_ctx.append(_watcher_ctx)
+        app.cleanup_ctx.append(_twin_ctx)
+    return app

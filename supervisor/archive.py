@@ -1,0 +1,134 @@
+"""Unpacking a package safely: zip or folder -> a plain folder, refusing anything dangerous.
+
+Refused: absolute paths and ``..`` (zip-slip), symlinks, device files and other non-regular
+entries, too many files, too many bytes unpacked, and a compression ratio typical of zip bombs.
+Sizes are checked while the bytes are written, not only from the (forgeable) zip header.
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from supervisor.package import PackageError
+
+__all__ = ["ArchiveLimits", "is_complete_zip", "unpack_package"]
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    max_files: int = 64
+    max_bytes: int = 1_000_000_000
+    max_ratio: float = 200.0
+
+
+def is_complete_zip(path: Path) -> bool:
+    """True when the zip's central directory is readable (a zip still being copied is not)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.infolist()
+        return True
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def _safe_member_path(name: str) -> PurePosixPath:
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise PackageError(f"unsafe path in archive: {name!r} is absolute")
+    if ".." in pure.parts:
+        raise PackageError(f"unsafe path in archive: {name!r} leaves the package folder")
+    return pure
+
+
+def _strip_common_root(names: list[PurePosixPath]) -> int:
+    """How many leading folders all members share (zips made of a folder have one)."""
+    if not names:
+        return 0
+    first = names[0].parts
+    depth = 0
+    while depth < len(first) - 1 and all(len(n.parts) > depth + 1 and n.parts[depth] == first[depth] for n in names):
+        depth += 1
+    return depth
+
+
+def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise PackageError("not a valid zip file (truncated, or not a zip at all)") from exc
+    with zf:
+        members = [i for i in zf.infolist() if not i.is_dir()]
+        if len(members) > limits.max_files:
+            raise PackageError(f"archive holds {len(members)} files; the limit is {limits.max_files}")
+        for info in members:
+            mode = info.external_attr >> 16
+            if mode and not (stat.S_ISREG(mode) or mode & 0o170000 == 0):
+                kind = "symlink" if stat.S_ISLNK(mode) else "special file"
+                raise PackageError(f"archive entry {info.filename!r} is a {kind}; only regular files are allowed")
+        paths = [_safe_member_path(i.filename) for i in members]
+        strip = _strip_common_root(paths)
+        declared = sum(i.file_size for i in members)
+        compressed = sum(i.compress_size for i in members) or 1
+        if declared > limits.max_bytes:
+            raise PackageError(f"archive unpacks to {declared} bytes; the limit is {limits.max_bytes}")
+        if declared / compressed > limits.max_ratio and declared > 1_000_000:
+            raise PackageError(
+                f"compression ratio {declared / compressed:.0f}:1 is over {limits.max_ratio:.0f}:1 (zip bomb?)"
+            )
+        written = 0
+        for info, rel in zip(members, paths, strict=True):
+            target = dest.joinpath(*rel.parts[strip:])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, target.open("xb") as out:
+                    while block := src.read(_CHUNK):
+                        written += len(block)
+                        if written > limits.max_bytes or written > compressed * limits.max_ratio + 1_000_000:
+                            raise PackageError("archive unpacks to more than its header says (zip bomb?)")
+                        out.write(block)
+            except FileExistsError as exc:
+                raise PackageError(f"archive holds {info.filename!r} twice") from exc
+            except (zipfile.BadZipFile, EOFError, OSError) as exc:
+                if isinstance(exc, PackageError):
+                    raise
+                raise PackageError(f"archive entry {info.filename!r} is corrupt: {exc}") from exc
+
+
+def _copy_folder(src: Path, dest: Path, limits: ArchiveLimits) -> None:
+    files = []
+    total = 0
+    for path in sorted(src.rglob("*")):
+        if path.is_symlink():
+            raise PackageError(f"{path.relative_to(src)} is a symlink; only regular files are allowed")
+        if path.is_dir():
+            continue
+        if not path.is_file():
+            raise PackageError(f"{path.relative_to(src)} is a special file; only regular files are allowed")
+        files.append(path)
+        total += path.stat().st_size
+    if len(files) > limits.max_files:
+        raise PackageError(f"package folder holds {len(files)} files; the limit is {limits.max_files}")
+    if total > limits.max_bytes:
+        raise PackageError(f"package folder holds {total} bytes; the limit is {limits.max_bytes}")
+    for path in files:
+        target = dest / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+def unpack_package(source: Path, dest: Path, limits: ArchiveLimits) -> None:
+    """Unpack a zip, copy a folder, or take a bare model file, into the empty folder ``dest``."""
+    if source.is_dir():
+        _copy_folder(source, dest, limits)
+    elif source.suffix.lower() in (".onnx", ".tflite"):
+        shutil.copyfile(source, dest / source.name)
+    elif source.stat().st_size == 0:
+        raise PackageError("the package file is empty")
+    else:
+        _unpack_zip(source, dest, limits)

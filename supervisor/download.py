@@ -1,0 +1,393 @@
+"""Resumable, verified HTTP download of a model package into staging.
+
+The body is streamed to ``<staging>/<FileName>.part`` (the same filesystem as the repository, so the
+final ``os.replace`` is atomic) and hashed on the way; it never sits in memory whole. After a cut the
+download resumes with ``Range`` and ``If-Match``/``If-Range`` on the ETag; a blob that changed meanwhile
+(412, or 200 instead of 206) starts over. Retries are bounded, with capped exponential backoff and
+jitter; an expired SAS (403) or a missing blob (404) fails at once with a reason, never in a loop.
+
+``commit`` hands a verified file to the update pipeline: the intent sidecar first, then the package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import aiohttp
+import structlog
+
+from supervisor.redact import redact, redact_url
+
+__all__ = [
+    "Download",
+    "DownloadError",
+    "DownloadResult",
+    "commit",
+    "parse_md5",
+    "parse_sha256",
+]
+
+log = structlog.get_logger(__name__)
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+# Statuses worth another try; anything else that is not 200/206/412/416 is final.
+_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+# Room kept free beyond the package itself: the pipeline still has to unpack it.
+_FREE_SPACE_MARGIN = 16 * 1024 * 1024
+# Chunks between the network reader and the disk writer (at most this many x chunk_size in memory).
+_QUEUE_CHUNKS = 32
+
+
+class DownloadError(Exception):
+    """A download that did not produce a verified file. ``reason`` is short and safe to report."""
+
+    def __init__(self, reason: str, *, permanent: bool = True, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = redact(reason)
+        self.permanent = permanent
+        self.status = status
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    path: Path  # the verified ``.part`` file, ready for ``commit``
+    size: int
+    sha256: str  # hex
+    md5: str  # base64, as Azure Blob Storage writes Content-MD5
+    bytes_fetched: int  # body bytes received over the network, retries included
+    attempts: int  # HTTP requests made
+    etag: str | None
+
+
+def parse_sha256(value: str) -> str:
+    """A SHA-256 given as hex (any case). Returns lower-case hex; raises ValueError otherwise."""
+    text = value.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise ValueError("ContentSHA256 must be 64 hex digits")
+    return text
+
+
+def parse_md5(value: str) -> bytes:
+    """An MD5 given as base64 (Azure's Content-MD5) or as 32 hex digits. Returns the 16 raw bytes."""
+    text = value.strip()
+    if re.fullmatch(r"[0-9a-fA-F]{32}", text):
+        return bytes.fromhex(text)
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 16:
+        raise ValueError("ContentMD5 must be base64 (as Azure Blob gives it) or 32 hex digits")
+    return raw
+
+
+class _Sink:
+    """The ``.part`` file and the running hashes of what it holds. Used from a worker thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
+    def reset(self) -> None:
+        self.close()
+        self._file = open(self.path, "wb")  # noqa: SIM115 - kept open across chunks, closed in close()
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self.sha256.update(data)
+        self.md5.update(data)
+        self.size += len(data)
+
+    def finish(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class Download:
+    """One download of ``url`` into ``part_path``. Read ``bytes_fetched``/``bytes_done``/``total`` live."""
+
+    def __init__(
+        self,
+        url: str,
+        part_path: Path,
+        *,
+        expected_length: int | None = None,
+        sha256: str | None = None,
+        md5: bytes | None = None,
+        session: aiohttp.ClientSession | None = None,
+        chunk_size: int = 256 * 1024,
+        retries: int = 5,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        connect_timeout: float = 15.0,
+        read_timeout: float = 30.0,
+        progress: Callable[[int, int | None], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.part_path = part_path
+        self.expected_length = expected_length
+        self.expected_sha256 = sha256
+        self.expected_md5 = md5
+        self._session = session
+        self.chunk_size = chunk_size
+        self.retries = retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._progress = progress
+        self.bytes_fetched = 0
+        self.bytes_done = 0
+        self.total: int | None = expected_length
+        self.attempts = 0
+        self.etag: str | None = None
+        self._sink = _Sink(part_path)
+        self._log = log.bind(url=redact_url(url), file=part_path.name)
+
+    async def run(self) -> DownloadResult:
+        """Download, verify and return the result; on any failure the ``.part`` file is removed."""
+        if self.expected_length is not None:
+            self._check_free_space(self.expected_length)
+        own_session = self._session is None
+        session = self._session or aiohttp.ClientSession()
+        try:
+            await asyncio.to_thread(self._sink.reset)
+            await self._fetch(session)
+            await asyncio.to_thread(self._sink.finish)
+            result = self._verify()
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(self._sink.discard))
+            raise
+        finally:
+            if own_session:
+                await session.close()
+        self._log.info(
+            "download_verified", size=result.size, sha256=result.sha256,
+            bytes_fetched=result.bytes_fetched, attempts=result.attempts,
+        )
+        return result
+
+    async def _fetch(self, session: aiohttp.ClientSession) -> None:
+        failures = 0  # consecutive attempts that brought no new byte
+        while self.total is None or self.bytes_done < self.total:
+            before = self.bytes_done
+            try:
+                await self._attempt(session)
+                if self.total is not None and self.bytes_done < self.total:
+                    raise DownloadError("connection closed before the end of the body", permanent=False)
+            except DownloadError as exc:
+                if exc.permanent:
+                    raise
+                reason = exc.reason
+            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                continue
+            failures = 0 if self.bytes_done > before else failures + 1
+            if failures > self.retries:
+                raise DownloadError(f"gave up after {self.attempts} attempts: {reason}", permanent=False)
+            delay = min(self.backoff_max, self.backoff_base * 2 ** max(0, failures - 1))
+            delay *= random.uniform(0.5, 1.0)
+            self._log.warning(
+                "download_retry", reason=reason, done=self.bytes_done, total=self.total, delay=round(delay, 2)
+            )
+            await asyncio.sleep(delay)
+
+    async def _restart(self) -> None:
+        self.bytes_done = 0
+        self.etag = None
+        await asyncio.to_thread(self._sink.reset)
+
+    async def _attempt(self, session: aiohttp.ClientSession) -> None:
+        headers = {"Accept-Encoding": "identity"}
+        offset = self.bytes_done
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if self.etag and not self.etag.startswith("W/"):
+                # If-Match: Azure Blob answers 412 when the blob changed. If-Range: a plain HTTP server
+                # answers 200 with the whole new body instead. Either way we start over.
+                headers["If-Match"] = self.etag
+                headers["If-Range"] = self.etag
+        self.attempts += 1
+        async with session.get(
+            self.url, headers=headers, timeout=self._timeout, auto_decompress=False
+        ) as resp:
+            status = resp.status
+            if status in (412, 416):
+                if status == 416 and self.total is not None and offset >= self.total:
+                    return
+                self._log.info("download_restart", status=status, done=offset)
+                await self._restart()
+                raise DownloadError(f"blob changed during download (HTTP {status})", permanent=False)
+            if status in (401, 403):
+                raise DownloadError(
+                    f"access denied (HTTP {status}): the SAS token is expired or invalid", status=status
+                )
+            if status in (404, 410):
+                raise DownloadError(f"not found (HTTP {status})", status=status)
+            if status in _TRANSIENT_STATUS:
+                raise DownloadError(f"HTTP {status}", permanent=False, status=status)
+            if status not in (200, 206):
+                raise DownloadError(f"unexpected HTTP {status}", status=status)
+
+            etag = resp.headers.get("ETag")
+            if status == 200:
+                if offset:
+                    self._log.info("download_restart", status=status, done=offset)
+                    await self._restart()
+                total = resp.content_length
+            else:
+                match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+                if not match or int(match.group(1)) != offset:
+                    raise DownloadError("server answered a different range", permanent=False)
+                total = None if match.group(3) == "*" else int(match.group(3))
+            if self.etag and etag and etag != self.etag:
+                await self._restart()
+                raise DownloadError("blob changed during download (new ETag)", permanent=False)
+            self.etag = etag or self.etag
+            if total is not None:
+                if self.expected_length is not None and total != self.expected_length:
+                    raise DownloadError(
+                        f"length mismatch: server has {total} bytes, desired ContentLength is "
+                        f"{self.expected_length}"
+                    )
+                if self.total is None:
+                    self._check_free_space(total - self.bytes_done)
+                self.total = total
+
+            await self._stream(resp.content, offset)
+            if self.total is None:
+                # No length announced: the end of this body is the end of the file.
+                self.total = self.bytes_done
+
+    async def _stream(self, body: aiohttp.StreamReader, offset: int) -> None:
+        """Copy the body to the sink. Reading and writing run as two tasks joined by a bounded queue:
+        aiohttp drops the bytes still in its buffer when the connection breaks, so the reader keeps
+        that buffer empty while the writer hashes and writes in a worker thread."""
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE_CHUNKS)
+        writer = asyncio.create_task(self._write_from(queue), name="download-writer")
+
+        async def finish() -> None:
+            if not writer.done():
+                await queue.put(None)
+            await writer  # raises the writer's error (a full disk) first
+
+        received = offset
+        try:
+            async for chunk in body.iter_chunked(self.chunk_size):
+                self.bytes_fetched += len(chunk)
+                received += len(chunk)
+                if self.total is not None and received > self.total:
+                    raise DownloadError(f"server sent more than the {self.total} bytes it announced")
+                if writer.done():
+                    break
+                await queue.put(chunk)
+        except asyncio.CancelledError:
+            writer.cancel()
+            await asyncio.wait([writer])
+            raise
+        except BaseException:
+            await finish()  # keep every byte that did arrive: the resume starts after them
+            raise
+        await finish()
+
+    async def _write_from(self, queue: asyncio.Queue[bytes | None]) -> None:
+        while True:
+            chunks = [await queue.get()]
+            while not queue.empty() and chunks[-1] is not None:
+                chunks.append(queue.get_nowait())
+            data = b"".join(c for c in chunks if c is not None)
+            if data:
+                await asyncio.to_thread(self._sink.write, data)
+                self.bytes_done += len(data)
+                if self._progress is not None:
+                    self._progress(self.bytes_done, self.total)
+            if chunks[-1] is None:
+                return
+
+    def _check_free_space(self, needed: int) -> None:
+        free = shutil.disk_usage(self.part_path.parent).free
+        if free < needed + _FREE_SPACE_MARGIN:
+            raise DownloadError(f"not enough disk space: {needed} bytes needed, {free} free")
+
+    def _verify(self) -> DownloadResult:
+        sink = self._sink
+        if self.expected_length is not None and sink.size != self.expected_length:
+            raise DownloadError(f"length mismatch: got {sink.size} bytes, expected {self.expected_length}")
+        sha256 = sink.sha256.hexdigest()
+        md5 = sink.md5.digest()
+        if self.expected_sha256 is not None and sha256 != self.expected_sha256:
+            raise DownloadError(f"SHA-256 mismatch: expected {self.expected_sha256}, got {sha256}")
+        if self.expected_md5 is not None and md5 != self.expected_md5:
+            raise DownloadError(
+                f"MD5 mismatch: expected {base64.b64encode(self.expected_md5).decode()}, "
+                f"got {base64.b64encode(md5).decode()}"
+            )
+        return DownloadResult(
+            path=self.part_path,
+            size=sink.size,
+            sha256=sha256,
+            md5=base64.b64encode(md5).decode(),
+            bytes_fetched=self.bytes_fetched,
+            attempts=self.attempts,
+            etag=self.etag,
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(part: Path, dest: Path, intent: dict[str, Any] | None = None) -> None:
+    """Hand a verified file to the pipeline: ``<dest>.intent.json`` first, then ``part`` -> ``dest``.
+
+    Blocking (fsync): call it in a thread. The sidecar is written as ``*.intent.json.part`` and renamed,
+    so the watcher, which ignores ``*.part`` and ``*.intent.json``, never sees half of either.
+    """
+    if intent is not None:
+        sidecar = dest.with_name(dest.name + ".intent.json")
+        tmp = sidecar.with_name(sidecar.name + ".part")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(intent, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, sidecar)
+    os.replace(part, dest)
+    _fsync_dir(dest.parent)

@@ -1,0 +1,55 @@
+"""Typed errors that carry their HTTP status; api.py turns them into JSON in one place."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequest",
+    "EdgeLoaderError",
+    "ModelInvalid",
+    "NoModelLoaded",
+    "NotFound",
+    "PayloadTooLarge",
+    "UnsupportedMediaType",
+]
+
+
+class EdgeLoaderError(Exception):
+    status = 500
+    code = "internal_error"
+
+
+class BadRequest(EdgeLoaderError):
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(EdgeLoaderError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(EdgeLoaderError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(EdgeLoaderError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(EdgeLoaderError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NoModelLoaded(EdgeLoaderError):
+    status = 503
+    code = "no_model"
+
+
+class ModelInvalid(EdgeLoaderError):
+    """A model (package) that cannot serve: bad files, no handler, failed warm-up or inference."""
+
+    status = 500
+    code = "model_error"

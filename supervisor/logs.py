@@ -1,0 +1,61 @@
+"""structlog set-up: JSON when stdout is not a TTY, console output when it is; stdlib loggers
+(aiohttp.access, azure.iot.device, ...) go through the same processors. A request id and the
+model version are bound through contextvars by the API."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+__all__ = ["configure_logging"]
+
+
+def _redact_processor() -> Any:
+    try:
+        from supervisor.redact import redact_processor
+    except ImportError:  # the redaction module is optional until the twin service ships it
+        return None
+    return redact_processor
+
+
+def configure_logging(fmt: str = "auto", level: str = "info") -> None:
+    json_output = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    redact = _redact_processor()
+    if redact is not None:
+        shared.append(redact)
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # The SDK and paho are chatty at INFO: keep their warnings only.
+    for noisy in ("azure.iot.device", "paho", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The API logs one line per request itself, with the request id and model.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,121 @@
+"""The OpenAPI 3.1 document of the HTTP API (a test checks it lists exactly the app's routes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from supervisor import __version__
+
+__all__ = ["openapi_document"]
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Bad request (undecodable image, bad query value)",
+        404: "Not found",
+        409: "Conflict",
+        413: "Body over the size limit, or image dimensions over the pixel limit",
+        415: "Unsupported Content-Type or image format",
+        500: "The model failed",
+        503: "No model loaded",
+    }
+    return {str(c): _json(_ERROR, text[c]) for c in codes}
+
+
+_IMAGE_BODY = {
+    "required": True,
+    "content": {
+        **{t: {"schema": {"type": "string", "format": "binary"}} for t in
+           ("image/jpeg", "image/png", "image/bmp", "image/webp", "application/octet-stream")},
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}},
+                       "required": ["image"]}
+        },
+    },
+}
+
+_DETECT_PARAMS = [
+    {"name": "threshold", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 1},
+     "description": "Lowest score returned (default: the model's manifest, else the service setting)"},
+    {"name": "max", "in": "query", "schema": {"type": "integer", "minimum": 1},
+     "description": "Most detections returned, best first"},
+    {"name": "labels", "in": "query", "schema": {"type": "string"},
+     "description": "Comma-separated labels to keep, e.g. person,car"},
+]
+
+_BOX = {"type": "object", "properties": {k: {"type": "number"} for k in ("xmin", "ymin", "xmax", "ymax")}}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "properties": {"error": {"type": "object", "properties": {
+            "code": {"type": "string"}, "message": {"type": "string"}}, "required": ["code", "message"]}},
+        "required": ["error"],
+    },
+    "DetectResponse": {
+        "type": "object",
+        "properties": {
+            "model": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
+            "image": {"type": "object", "properties": {"width": {"type": "integer"}, "height": {"type": "integer"}}},
+            "detections": {"type": "array", "items": {"type": "object", "properties": {
+                "label": {"type": "string"}, "class_id": {"type": "integer"}, "score": {"type": "number"},
+                "box": {**_BOX, "description": "pixels of the original image"},
+                "box_normalized": {**_BOX, "description": "0..1 of the image size"}}}},
+            "timing_ms": {"type": "object", "additionalProperties": {"type": "number"}},
+        },
+        "required": ["model", "image", "detections"],
+    },
+    "ScoreResponse": {
+        "type": "object",
+        "properties": {"inferences": {"type": "array", "items": {"type": "object"}}},
+        "description": "Azure Video Analyzer HTTP extension format",
+    },
+}
+
+
+def _get(summary: str, ok: str, *errors: int) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {"200": _json({"type": "object"}, ok), **_errors(*errors)}}}
+
+
+def openapi_document() -> dict[str, Any]:
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "edge-model-loader", "version": __version__,
+                 "description": "Object detection on the active model of an IoT Edge device."},
+        "paths": {
+            "/detect": {"post": {
+                "summary": "Detect objects in an image", "parameters": _DETECT_PARAMS, "requestBody": _IMAGE_BODY,
+                "responses": {"200": _json({"$ref": "#/components/schemas/DetectResponse"}, "Detections"),
+                              **_errors(400, 413, 415, 500, 503)}}},
+            "/score": {"post": {
+                "summary": "Detect, answering in the Azure video-analytics extension format",
+                "parameters": _DETECT_PARAMS, "requestBody": _IMAGE_BODY,
+                "responses": {"200": _json({"$ref": "#/components/schemas/ScoreResponse"}, "Inferences"),
+                              **_errors(400, 413, 415, 500, 503)}}},
+            "/healthz": _get("Liveness", "Alive"),
+            "/readyz": _get("Readiness: a model is loaded", "Ready", 503),
+            "/v2/health/live": _get("Open Inference Protocol liveness", "Alive"),
+            "/v2/health/ready": _get("Open Inference Protocol readiness", "Ready", 503),
+            "/v2/models/{name}": {"get": {**_get("Model metadata (inputs, outputs)", "Metadata", 404, 503)["get"],
+                                          "parameters": [name]}},
+            "/v2/models/{name}/ready": {"get": {**_get("Model readiness", "Ready", 404, 503)["get"],
+                                                "parameters": [name]}},
+            "/models": _get("The repository: versions, states, rejected packages, recent events", "Repository"),
+            "/models/{name}/{version}/activate": {"post": {
+                "summary": "Make a stored version active (rollback or roll-forward)", "parameters": [name, version],
+                "responses": {"200": _json({"type": "object"}, "Now active"), **_errors(404, 500)}}},
+            "/models/rollback": {"post": {
+                "summary": "Go back to the previously active version",
+                "responses": {"200": _json({"type": "object"}, "Now active"), **_errors(409, 500)}}},
+            "/openapi.json": _get("This document", "OpenAPI document"),
+        },
+        "components": {"schemas": _SCHEMAS},
+    }

@@ -1,0 +1,174 @@
+"""The model package format: what is inside a model folder and what its manifest says.
+
+Pure functions over a folder on disk (no runtime, no event loop). A package is a folder (or a zip,
+unpacked by ``archive.py``) holding exactly one model file (``.onnx``, maybe with external-data
+sidecars, or ``.tflite``), a labels file, and an optional ``model.json`` manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "LABEL_FILE_NAMES",
+    "MANIFEST_NAME",
+    "Manifest",
+    "PackageError",
+    "file_sha256",
+    "read_labels",
+    "read_manifest",
+]
+
+MANIFEST_NAME = "model.json"
+MODEL_SUFFIXES = (".onnx", ".tflite")
+LABEL_FILE_NAMES = ("labels.txt", "labelmap.txt", "coco_classes.txt")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class PackageError(ValueError):
+    """A package is malformed; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a package declares (or what was inferred when it has no model.json)."""
+
+    name: str
+    version: str
+    model_file: str
+    labels_file: str | None
+    handler: str | None = None
+    score_threshold: float | None = None
+    activate: bool = True
+    description: str = ""
+    files: Mapping[str, str] = field(default_factory=dict)  # relative path -> sha256 hex
+    handler_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def safe_name(text: str) -> str:
+    """A name usable as one path component: letters, digits, dot, dash, underscore."""
+    cleaned = _SAFE_NAME.sub("-", text).strip(".-_")
+    return cleaned[:80] or "model"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _find_model_file(folder: Path) -> str:
+    models = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES)
+    if not models:
+        raise PackageError("no model file in the package: expected one *.onnx or *.tflite")
+    if len(models) > 1:
+        names = ", ".join(str(p.relative_to(folder)) for p in models)
+        raise PackageError(f"several model files in the package ({names}); name one in model.json 'model'")
+    return str(models[0].relative_to(folder))
+
+
+def _find_labels_file(folder: Path) -> str | None:
+    for name in LABEL_FILE_NAMES:
+        hits = sorted(folder.rglob(name))
+        if hits:
+            return str(hits[0].relative_to(folder))
+    names = sorted(folder.rglob("*.names"))
+    return str(names[0].relative_to(folder)) if names else None
+
+
+def read_manifest(folder: Path, fallback_name: str | None = None, fallback_version: str | None = None) -> Manifest:
+    """The package's manifest, completed by inference where model.json is absent or silent.
+
+    ``fallback_name``/``fallback_version`` come from the package's file name or its hash."""
+    raw: dict[str, Any] = {}
+    manifest_path = folder / MANIFEST_NAME
+    if manifest_path.is_file():
+        try:
+            raw = json.loads(manifest_path.read_text("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PackageError(f"model.json is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise PackageError("model.json must hold a JSON object")
+    model_file = raw.get("model") or _find_model_file(folder)
+    if not (folder / model_file).is_file():
+        raise PackageError(f"model.json names model {model_file!r}, which is not in the package")
+    if Path(model_file).suffix.lower() not in MODEL_SUFFIXES:
+        raise PackageError(f"model {model_file!r} is neither .onnx nor .tflite")
+    labels_file = raw.get("labels") or _find_labels_file(folder)
+    if labels_file and not (folder / labels_file).is_file():
+        raise PackageError(f"model.json names labels {labels_file!r}, which is not in the package")
+    files = raw.get("files") or {}
+    if not isinstance(files, dict):
+        raise PackageError("model.json 'files' must map file names to SHA-256 hex digests")
+    threshold = raw.get("score_threshold")
+    if threshold is not None and not (isinstance(threshold, int | float) and 0.0 <= threshold <= 1.0):
+        raise PackageError("model.json 'score_threshold' must be a number between 0 and 1")
+    name = safe_name(str(raw.get("name") or fallback_name or Path(model_file).stem))
+    version = safe_name(str(raw.get("version") or fallback_version or "1"))
+    return Manifest(
+        name=name,
+        version=version,
+        model_file=model_file,
+        labels_file=labels_file,
+        handler=raw.get("handler"),
+        score_threshold=float(threshold) if threshold is not None else None,
+        activate=bool(raw.get("activate", True)),
+        description=str(raw.get("description", "")),
+        files={str(k): str(v).lower() for k, v in files.items()},
+        handler_options=raw.get("handler_options") or {},
+    )
+
+
+def _labels_from_text(text: str) -> list[str]:
+    lines = [line.strip() for line in text.splitlines()]
+    # labelmap.txt style "0 person" / "0: person" is common; plain one-per-line is the norm.
+    if lines and all(re.match(r"^\d+[:\s]\s*\S", line) for line in lines if line):
+        lines = [re.sub(r"^\d+[:\s]\s*", "", line) for line in lines]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def tflite_embedded_labels(model_path: Path) -> list[str] | None:
+    """Labels packed in TFLite metadata: the .tflite doubles as a zip holding a labels file."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(model_path.read_bytes())) as zf:
+            for info in zf.infolist():
+                if info.filename.endswith(".txt") and info.file_size < 1_000_000:
+                    return _labels_from_text(zf.read(info).decode("utf-8", "replace"))
+    except zipfile.BadZipFile:
+        return None
+    return None
+
+
+def read_labels(folder: Path, manifest: Manifest) -> list[str]:
+    """The class names, from the labels file or the TFLite metadata; [] when there are none."""
+    if manifest.labels_file:
+        try:
+            return _labels_from_text((folder / manifest.labels_file).read_text("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise PackageError(f"labels file {manifest.labels_file} is not UTF-8 text") from exc
+    if manifest.model_file.lower().endswith(".tflite"):
+        return tflite_embedded_labels(folder / manifest.model_file) or []
+    return []
+
+
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    """Check every file the manifest lists against its SHA-256."""
+    for rel, expected in manifest.files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise PackageError(f"model.json lists {rel}, which is not in the package")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise PackageError(f"checksum mismatch for {rel}: manifest {expected[:12]}…, file {actual[:12]}…")

@@ -1,0 +1,336 @@
+"""The one way a model becomes active: package -> validated -> installed -> warm -> flipped.
+
+Whatever brought the package (drop folder, download, CLI, API activate or rollback), it ends
+here. Steps run one at a time (a lock), the blocking ones in the engine's worker pool. The
+pipeline emits events; it never talks to IoT Hub itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from supervisor.archive import ArchiveLimits, unpack_package
+from supervisor.engine import Engine, LoadedModel
+from supervisor.errors import Conflict, ModelInvalid, NotFound
+from supervisor.events import EventBus, ModelEvent, State
+from supervisor.package import PackageError, file_sha256, read_manifest, verify_files
+from supervisor.quarantine import Quarantine
+from supervisor.repository import InstalledVersion, Repository
+from supervisor.settings import Settings
+
+__all__ = ["INTENT_SUFFIX", "Pipeline", "package_sha256"]
+
+log = structlog.get_logger(__name__)
+
+INTENT_SUFFIX = ".intent.json"
+ACTIVATED_MARKER = ".activated"
+T = TypeVar("T")
+
+
+def package_sha256(path: Path) -> str:
+    """SHA-256 of a package: of the file, or of a folder's files (names and bytes, sorted)."""
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What the sender wants done with a package (sidecars beside it; all optional)."""
+
+    source: str
+    activate: bool | None = None  # None: as the manifest says
+    sha256: str | None = None
+    md5: str | None = None
+    name: str | None = None
+    version: str | None = None
+
+
+def read_intent(package: Path, source: str) -> Intent:
+    """``<pkg>.intent.json`` (written by the twin) or ``<pkg>.sha256`` (beside a dropped package)."""
+    intent_path = package.with_name(package.name + INTENT_SUFFIX)
+    if intent_path.is_file():
+        try:
+            raw = json.loads(intent_path.read_text("utf-8"))
+            return Intent(
+                source=str(raw.get("source", source)),
+                activate=raw.get("activate"),
+                sha256=raw.get("sha256"),
+                md5=raw.get("md5"),
+                name=raw.get("name"),
+                version=raw.get("version"),
+            )
+        except (OSError, ValueError, AttributeError):
+            log.warning("intent_unreadable", package=package.name)
+    sha_path = package.with_name(package.name + ".sha256")
+    if sha_path.is_file():
+        text = sha_path.read_text("utf-8", "replace").split()
+        return Intent(source=source, sha256=text[0].lower() if text else None)
+    md5_path = package.with_name(package.name + ".md5")
+    if md5_path.is_file():
+        text = md5_path.read_text("utf-8", "replace").split()
+        return Intent(source=source, md5=text[0].lower() if text else None)
+    return Intent(source=source)
+
+
+def sidecars(package: Path) -> list[Path]:
+    return [package.with_name(package.name + s) for s in (INTENT_SUFFIX, ".sha256", ".md5")]
+
+
+class Pipeline:
+    """Stage -> validate -> install -> warm up -> flip, and activation of stored versions."""
+
+    def __init__(self, settings: Settings, repo: Repository, engine: Engine, events: EventBus) -> None:
+        self.settings = settings
+        self.repo = repo
+        self.engine = engine
+        self.events = events
+        self.quarantine = Quarantine(repo.quarantine_dir)
+        self.limits = ArchiveLimits(
+            settings.max_package_files, settings.max_package_bytes, settings.max_compression_ratio
+        )
+        self._lock = asyncio.Lock()
+        self._rollback_task: asyncio.Task[None] | None = None
+        engine.on_failure_streak = self._on_failure_streak
+
+    # -- the interface other services use ---------------------------------------------------------
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.repo.staging_dir
+
+    @property
+    def data_dir(self) -> Path:
+        return self.repo.data_dir
+
+    def find_package(self, sha256: str) -> tuple[str, str] | None:
+        version = self.repo.find_by_package_sha256(sha256)
+        return version.key if version else None
+
+    def active(self) -> ModelEvent | None:
+        model = self.engine.active
+        return self._active_event(model, "startup", "") if model else None
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.engine.executor, fn, *args)
+
+    def _emit(self, state: State, source: str, package: str, **fields: Any) -> None:
+        self.events.publish(ModelEvent(state=state, source=source, package=package, **fields))
+
+    def _active_event(self, model: LoadedModel, source: str, package: str, sha: str | None = None) -> ModelEvent:
+        info = model.info
+        rel = info.path.relative_to(self.repo.data_dir)
+        return ModelEvent(
+            state="active", source=source, package=package, name=info.name, version=info.version,
+            sha256=sha, model_sha256=info.model_sha256, model_path=str(rel / info.model_file),
+            labels_path=str(rel / info.labels_file) if info.labels_file else None,
+        )
+
+    # -- start-up ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Repair the disk, then serve current, else the newest valid version, else the bundled default."""
+        await self._blocking(self.repo.repair)
+        current = self.repo.current()
+        candidates = [current] if current else []
+        candidates += [v for v in reversed(self.repo.versions()) if current is None or v.key != current.key]
+        async with self._lock:
+            for version in candidates:
+                try:
+                    model = await self.engine.load(version.path)
+                except ModelInvalid as exc:
+                    log.error("stored_model_unusable", name=version.name, version=version.version, reason=str(exc))
+                    continue
+                await self._make_active(model, version, "startup", version.record.get("package", ""))
+                return
+            await self._install_bundled_default()
+
+    async def _install_bundled_default(self) -> None:
+        bundled = self.settings.bundled_model
+        manifest = await self._blocking(read_manifest, bundled)
+        version = self.repo.get(manifest.name, manifest.version)
+        if version is None:
+            workdir = await self._blocking(self.repo.new_workdir)
+            await self._blocking(unpack_package, bundled, workdir, self.limits)
+            version = await self._blocking(
+                self.repo.install, workdir, manifest.name, manifest.version,
+                {"package": "bundled", "source": "bundled", "package_sha256": None},
+            )
+        model = await self.engine.load(version.path)
+        await self._make_active(model, version, "startup", "bundled")
+
+    # -- packages ---------------------------------------------------------------------------------
+
+    async def process(self, package: Path, source: str) -> InstalledVersion | None:
+        """Take one complete package (file or folder): install it, maybe activate it, or
+        quarantine it with the reason. Never raises for a bad package."""
+        async with self._lock:
+            if not package.exists():
+                return None
+            intent = read_intent(package, source)
+            source = intent.source
+            name = package.name
+            self._emit("received", source, name)
+            sha: str | None = None
+            try:
+                sha = await self._blocking(package_sha256, package)
+                return await self._process_locked(package, name, sha, intent)
+            except (PackageError, ModelInvalid, FileExistsError, OSError) as exc:
+                reason = str(exc) if not isinstance(exc, FileExistsError) else f"{exc}, with other content"
+                await self._blocking(self.quarantine.add, package, reason, sha, sidecars(package))
+                self._emit("rejected", source, name, sha256=sha, reason=reason)
+                return None
+
+    async def _process_locked(self, package: Path, name: str, sha: str, intent: Intent) -> InstalledVersion | None:
+        source = intent.source
+        if intent.sha256 and intent.sha256 != sha:
+            raise PackageError(f"package SHA-256 is {sha[:12]}…, expected {intent.sha256[:12]}…")
+        if intent.md5 and package.is_file():
+            md5 = await self._blocking(_file_md5, package)
+            if md5 != intent.md5:
+                raise PackageError(f"package MD5 is {md5}, expected {intent.md5}")
+        installed = self.repo.find_by_package_sha256(sha)
+        if installed is not None or self.quarantine.seen(sha):
+            await self._resume_if_interrupted(installed, intent, name, sha)
+            await self._blocking(_remove_package, package)
+            self._emit("duplicate", source, name, sha256=sha,
+                       name=installed.name if installed else None,
+                       version=installed.version if installed else None,
+                       reason="already installed" if installed else "already rejected (see quarantine)")
+            return installed
+        self._emit("validating", source, name, sha256=sha)
+        workdir = await self._blocking(self.repo.new_workdir)
+        try:
+            await self._blocking(unpack_package, package, workdir, self.limits)
+            stem = package.name.split(".")[0] if package.is_file() else package.name
+            manifest = await self._blocking(read_manifest, workdir, intent.name or stem, intent.version or sha[:12])
+            await self._blocking(verify_files, workdir, manifest)
+            # Load and warm up from the workdir: a model that fails never reaches models/.
+            model = await self.engine.load(workdir, manifest)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        activate = manifest.activate if intent.activate is None else intent.activate
+        record = {
+            "package": name, "package_sha256": sha, "source": source, "activate": activate,
+            "handler": model.info.handler, "model_file": model.info.model_file,
+            "labels_file": model.info.labels_file, "model_sha256": model.info.model_sha256,
+        }
+        try:
+            version = await self._blocking(self.repo.install, workdir, manifest.name, manifest.version, record)
+        except BaseException:
+            model.runtime.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        # The runtime was loaded from the workdir; re-point the model's info at its new home.
+        model.info = model.info.__class__(**{**model.info.__dict__, "path": version.path})
+        if activate:
+            self._emit("activating", source, name, sha256=sha, name=version.name, version=version.version)
+            await self._make_active(model, version, source, name, sha)
+        else:
+            model.runtime.close()
+            self._emit("stored", source, name, sha256=sha, name=version.name, version=version.version)
+        await self._blocking(_remove_package, package)
+        await self._blocking(self.repo.prune, self.settings.keep_versions)
+        return version
+
+    async def _resume_if_interrupted(
+        self, installed: InstalledVersion | None, intent: Intent, name: str, sha: str
+    ) -> None:
+        """A crash between install and flip leaves the package both installed and still waiting:
+        finish the job instead of calling it a duplicate (only if it was never activated)."""
+        if installed is None or (installed.path / ACTIVATED_MARKER).exists():
+            return
+        wanted = installed.record.get("activate", True) if intent.activate is None else intent.activate
+        current = self.repo.current()
+        if wanted and (current is None or current.key != installed.key):
+            model = await self.engine.load(installed.path)
+            await self._make_active(model, installed, intent.source, name, sha)
+
+    async def _make_active(
+        self, model: LoadedModel, version: InstalledVersion, source: str, package: str, sha: str | None = None
+    ) -> None:
+        await self._blocking(_mark_activated, version.path)
+        await self._blocking(self.repo.flip, version)
+        self.engine.swap(model)
+        self.events.publish(self._active_event(model, source, package, sha))
+
+    # -- activation of stored versions --------------------------------------------------------------
+
+    async def activate(self, name: str, version: str, source: str = "api") -> InstalledVersion:
+        """Switch to a stored version (roll back or forward). Raises NotFound / ModelInvalid."""
+        async with self._lock:
+            stored = self.repo.get(name, version)
+            if stored is None:
+                raise NotFound(f"model {name} version {version} is not in the repository")
+            active = self.engine.active
+            if active is not None and (active.info.name, active.info.version) == stored.key:
+                return stored
+            package = stored.record.get("package", "")
+            self._emit("activating", source, package, name=name, version=version)
+            try:
+                model = await self.engine.load(stored.path)
+            except ModelInvalid as exc:
+                self._emit("failed", source, package, name=name, version=version, reason=str(exc))
+                raise
+            await self._make_active(model, stored, source, package, stored.package_sha256)
+            return stored
+
+    async def rollback(self, source: str = "api") -> InstalledVersion:
+        previous = self.repo.previous()
+        if previous is None:
+            raise Conflict("there is no previous version to roll back to")
+        version = await self.activate(previous.name, previous.version, source)
+        self._emit("rolled_back", source, version.record.get("package", ""),
+                   name=version.name, version=version.version)
+        return version
+
+    def _on_failure_streak(self, model: LoadedModel, streak: int) -> None:
+        if streak < self.settings.rollback_after_failures or self._rollback_task is not None:
+            return
+        log.error("auto_rollback", model=model.info.name, version=model.info.version, failures=streak)
+        self._rollback_task = asyncio.get_running_loop().create_task(self._auto_rollback(), name="auto-rollback")
+
+    async def _auto_rollback(self) -> None:
+        try:
+            await self.rollback("auto-rollback")
+        except Exception as exc:
+            log.error("auto_rollback_failed", reason=str(exc))
+        finally:
+            self._rollback_task = None
+
+
+def _file_md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _mark_activated(path: Path) -> None:
+    marker = path / ACTIVATED_MARKER
+    if not marker.exists():
+        marker.write_text(str(time.time()))
+
+
+def _remove_package(package: Path) -> None:
+    for extra in sidecars(package):
+        extra.unlink(missing_ok=True)
+    if package.is_dir():
+        shutil.rmtree(package, ignore_errors=True)
+    else:
+        package.unlink(missing_ok=True)

@@ -1,0 +1,111 @@
+"""Reported properties and output messages that survive an offline hub.
+
+While the module is disconnected the SDK fails ``patch_twin_reported_properties`` and
+``send_message_to_output`` at once (``ConnectionFailedError``); nothing is queued. ``Reporter`` keeps
+what could not be sent, coalesced: reported patches are merged (the latest value of each property wins)
+and only the latest message per output is kept. It tries again on reconnect and every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any, Protocol
+
+import structlog
+from azure.iot.device import exceptions as iot_errors
+
+from supervisor.redact import redact
+
+__all__ = ["Reporter", "merge_patch"]
+
+log = structlog.get_logger(__name__)
+
+
+class _Hub(Protocol):
+    @property
+    def connected(self) -> bool: ...
+    async def patch_reported(self, patch: dict[str, Any]) -> None: ...
+    async def send_output(self, output: str, body: dict[str, Any], properties: dict[str, str]) -> None: ...
+
+
+def merge_patch(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``patch``, recursively, into a new dict. ``None`` values are kept: in a twin
+    patch they delete the property, so they must reach the hub as they are."""
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_patch(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class Reporter:
+    """Coalescing, retrying sender of reported properties and output messages."""
+
+    def __init__(self, hub: _Hub, *, retry_interval: float = 5.0) -> None:
+        self._hub = hub
+        self.retry_interval = retry_interval
+        self._patch: dict[str, Any] = {}
+        self._outputs: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}
+        self._wake = asyncio.Event()
+        self.sent_patches = 0
+        self.sent_messages = 0
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._patch or self._outputs)
+
+    def report(self, patch: dict[str, Any]) -> None:
+        self._patch = merge_patch(self._patch, patch)
+        self._wake.set()
+
+    def send_output(
+        self, output: str, body: dict[str, Any], properties: dict[str, str] | None = None
+    ) -> None:
+        self._outputs[output] = (body, dict(properties or {}))
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Try now (after a reconnect)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if self.pending:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.retry_interval)
+                except TimeoutError:
+                    pass
+            else:
+                await self._wake.wait()
+            self._wake.clear()
+            if self.pending:
+                await self.flush()
+
+    async def flush(self) -> bool:
+        """Send what is pending; True when nothing is left."""
+        if self._patch:
+            patch, self._patch = self._patch, {}
+            try:
+                await self._hub.patch_reported(patch)
+                self.sent_patches += 1
+            except iot_errors.ServiceError as exc:
+                # The hub refused this patch (4xx): sending it again would be refused again.
+                log.error("reported_patch_refused", error=redact(str(exc)))
+            except Exception as exc:
+                # Newer values that arrived meanwhile win over the ones that failed.
+                self._patch = merge_patch(patch, self._patch)
+                log.info("reported_patch_deferred", error=type(exc).__name__, connected=self._hub.connected)
+                return False
+        for output in list(self._outputs):
+            body, props = self._outputs.pop(output)
+            try:
+                await self._hub.send_output(output, body, props)
+                self.sent_messages += 1
+            except Exception as exc:
+                self._outputs.setdefault(output, (body, props))
+                log.info("output_message_deferred", output=output, error=type(exc).__name__)
+                return False
+        return not self.pending

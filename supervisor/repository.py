@@ -1,0 +1,225 @@
+"""The model repository on disk: the single source of truth.
+
+Layout under the data dir::
+
+    models/<name>/<version>/   an installed package (files + .edgeloader.json, written last)
+    current -> models/<name>/<version>    the active version (a relative symlink)
+    previous -> models/<name>/<version>   the version active before it (rollback target)
+    inbox/  staging/  quarantine/
+
+Every change is made so that a crash at any moment leaves a complete state: a version folder is
+built in staging/ (same filesystem) and renamed into place in one step, and a symlink is replaced
+by writing a new one beside it and ``os.replace``-ing it over the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+__all__ = ["INSTALL_RECORD", "InstalledVersion", "Repository"]
+
+log = structlog.get_logger(__name__)
+
+INSTALL_RECORD = ".edgeloader.json"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class InstalledVersion:
+    name: str
+    version: str
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.version)
+
+    @property
+    def installed_at(self) -> float:
+        return float(self.record.get("installed_at", 0.0))
+
+    @property
+    def package_sha256(self) -> str | None:
+        return self.record.get("package_sha256")
+
+
+class Repository:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.models_dir = data_dir / "models"
+        self.current_link = data_dir / "current"
+        self.previous_link = data_dir / "previous"
+        self.inbox_dir = data_dir / "inbox"
+        self.staging_dir = data_dir / "staging"
+        self.quarantine_dir = data_dir / "quarantine"
+
+    def ensure_layout(self) -> None:
+        for d in (self.models_dir, self.inbox_dir, self.staging_dir, self.quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def versions(self) -> list[InstalledVersion]:
+        """Every complete installed version, oldest install first."""
+        found = []
+        if not self.models_dir.is_dir():
+            return []
+        for name_dir in self.models_dir.iterdir():
+            if not name_dir.is_dir():
+                continue
+            for version_dir in name_dir.iterdir():
+                record = self._read_record(version_dir)
+                if record is not None:
+                    found.append(InstalledVersion(name_dir.name, version_dir.name, version_dir, record))
+        return sorted(found, key=lambda v: v.installed_at)
+
+    def get(self, name: str, version: str) -> InstalledVersion | None:
+        path = self.models_dir / name / version
+        if path.parent.parent != self.models_dir:  # a name with a slash or '..'
+            return None
+        record = self._read_record(path)
+        return InstalledVersion(name, version, path, record) if record is not None else None
+
+    def find_by_package_sha256(self, sha256: str) -> InstalledVersion | None:
+        return next((v for v in self.versions() if v.package_sha256 == sha256), None)
+
+    def _link_target(self, link: Path) -> InstalledVersion | None:
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return None
+        parts = Path(target).parts
+        if len(parts) != 3 or parts[0] != "models":
+            return None
+        return self.get(parts[1], parts[2])
+
+    def current(self) -> InstalledVersion | None:
+        return self._link_target(self.current_link)
+
+    def previous(self) -> InstalledVersion | None:
+        return self._link_target(self.previous_link)
+
+    @staticmethod
+    def _read_record(version_dir: Path) -> dict[str, Any] | None:
+        try:
+            record = json.loads((version_dir / INSTALL_RECORD).read_text("utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def new_workdir(self) -> Path:
+        """A fresh folder in staging/ (same filesystem as models/) to build a version in."""
+        path = self.staging_dir / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"
+        path.mkdir(parents=True)
+        return path
+
+    def install(self, workdir: Path, name: str, version: str, record: dict[str, Any]) -> InstalledVersion:
+        """Move a complete package folder into models/<name>/<version>/ in one rename.
+
+        The install record is written (and fsynced) inside the workdir first, so a version folder
+        that exists in models/ is always complete."""
+        target = self.models_dir / name / version
+        if target.exists():
+            raise FileExistsError(f"{name} {version} is already installed")
+        record = {**record, "name": name, "version": version, "installed_at": time.time()}
+        _write_durably(workdir / INSTALL_RECORD, json.dumps(record, indent=2))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(workdir, target)
+        _fsync_dir(target.parent)
+        return InstalledVersion(name, version, target, record)
+
+    def _point(self, link: Path, version: InstalledVersion) -> None:
+        tmp = link.with_name(f"{link.name}{TMP_PREFIX}{uuid.uuid4().hex[:8]}")
+        os.symlink(os.path.join("models", version.name, version.version), tmp)
+        os.replace(tmp, link)
+        _fsync_dir(link.parent)
+
+    def flip(self, version: InstalledVersion) -> None:
+        """Make ``version`` current (atomically); the old current becomes previous."""
+        old = self.current()
+        if old is not None and old.key != version.key:
+            self._point(self.previous_link, old)
+        self._point(self.current_link, version)
+
+    def remove(self, version: InstalledVersion) -> None:
+        # Rename first so that a crash mid-delete never leaves a half-deleted version in models/.
+        doomed = self.staging_dir / f"{TMP_PREFIX}del-{uuid.uuid4().hex[:8]}"
+        os.rename(version.path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        try:
+            version.path.parent.rmdir()
+        except OSError:
+            pass
+
+    def prune(self, keep: int) -> list[InstalledVersion]:
+        """Keep the newest ``keep`` versions of each name; never the current or previous one."""
+        protected = {v.key for v in (self.current(), self.previous()) if v is not None}
+        removed = []
+        by_name: dict[str, list[InstalledVersion]] = {}
+        for v in self.versions():
+            by_name.setdefault(v.name, []).append(v)
+        for versions in by_name.values():
+            surplus = len(versions) - max(keep, 1)
+            for v in versions:  # oldest first
+                if surplus <= 0:
+                    break
+                if v.key in protected:
+                    continue
+                self.remove(v)
+                removed.append(v)
+                surplus -= 1
+        return removed
+
+    def repair(self) -> list[str]:
+        """Clean what a crash may have left: temp folders in staging, temp symlinks, versions
+        without an install record. Returns what was removed (for the log)."""
+        self.ensure_layout()
+        removed: list[str] = []
+        for path in self.staging_dir.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(str(path.relative_to(self.data_dir)))
+        for path in self.data_dir.glob(f"*{TMP_PREFIX}*"):
+            if path.is_symlink():
+                path.unlink()
+                removed.append(path.name)
+        for name_dir in _subdirs(self.models_dir):
+            for version_dir in _subdirs(name_dir):
+                if self._read_record(version_dir) is None:
+                    shutil.rmtree(version_dir, ignore_errors=True)
+                    removed.append(str(version_dir.relative_to(self.data_dir)))
+        if removed:
+            log.warning("repository_repaired", removed=removed)
+        return removed
+
+
+def _subdirs(path: Path) -> Iterator[Path]:
+    if path.is_dir():
+        yield from (p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,378 @@
+"""Remote model updates through the module twin, with the real parts.
+
+The real azure-iot-device SDK talks MQTT over TLS to a real mosquitto (through a fault proxy that can
+take the "hub" away); a hub simulator plays IoT Hub's side of the twin; packages come from Azurite with
+real SAS URLs. ``ScriptedPipeline`` plays the update pipeline for the twin-specific cases (it watches
+staging like the real one and publishes the same events); ``test_twin_e2e.py`` runs the real app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from supervisor.events import EventBus, ModelEvent
+from supervisor.settings import Settings
+from supervisor.twin import DesiredModel, TwinService
+from supervisor.twinpatch import desired_properties
+
+if TYPE_CHECKING:
+    from iot_fixtures import BlobStore, FaultProxy, IotHub
+
+pytest_plugins = ["iot_fixtures"]
+
+KiB = 1024
+
+
+async def eventually(predicate: Callable[[], Any], within: float, what: str | Callable[[], str]) -> Any:
+    deadline = time.monotonic() + within
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {within} s waiting for {text}")
+        await asyncio.sleep(0.02)
+    return value
+
+
+def package_bytes(size: int, seed: str = "a", bad: bool = False) -> bytes:
+    block = hashlib.sha256(seed.encode()).digest() * 512
+    data = (block * (size // len(block) + 1))[:size]
+    return b"BAD" + data[3:] if bad else data
+
+
+class ScriptedPipeline:
+    """Plays the update pipeline: watches staging/, honours the intent sidecar, publishes events.
+
+    A package whose bytes start with ``BAD`` fails validation (rejected, as the real pipeline does
+    with a package it cannot read).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.events = EventBus()
+        self.data_dir = data_dir
+        self.staging_dir = data_dir / "staging"
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.installed: dict[str, tuple[str, str]] = {}
+        self.received: list[str] = []
+        self.activations: list[tuple[str, str, str]] = []
+        self._active: ModelEvent | None = None
+        self._packages: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def find_package(self, sha256: str) -> tuple[str, str] | None:
+        return self.installed.get(sha256)
+
+    def active(self) -> ModelEvent | None:
+        return self._active
+
+    async def activate(self, name: str, version: str, source: str) -> None:
+        package, sha = self._packages[(name, version)]
+        self.activations.append((name, version, source))
+        self.events.publish(ModelEvent("activating", source, package, name, version, sha))
+        self._active = ModelEvent(
+            "active", source, package, name, version, sha,
+            model_sha256=hashlib.sha256(f"{name}{version}".encode()).hexdigest(),
+            model_path=f"models/{name}/{version}/model.tflite",
+            labels_path=f"models/{name}/{version}/labels.txt",
+        )
+        self.events.publish(self._active)
+
+    def install(self, package: str, data: bytes, name: str, version: str) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        self.installed[sha] = (name, version)
+        self._packages[(name, version)] = (package, sha)
+        return sha
+
+    async def run(self) -> None:
+        while True:
+            for entry in sorted(os.listdir(self.staging_dir)):
+                if entry.endswith((".part", ".intent.json")):
+                    continue
+                path = self.staging_dir / entry
+                intent_path = self.staging_dir / f"{entry}.intent.json"
+                intent = json.loads(intent_path.read_text()) if intent_path.exists() else {}
+                data = path.read_bytes()
+                path.unlink()
+                intent_path.unlink(missing_ok=True)
+                await self._process(entry, data, intent)
+            await asyncio.sleep(0.02)
+
+    async def _process(self, package: str, data: bytes, intent: dict[str, Any]) -> None:
+        sha = hashlib.sha256(data).hexdigest()
+        source = intent.get("source", "staging")
+        assert intent.get("sha256") in (None, sha), "intent sidecar names other bytes"
+        self.received.append(package)
+        self.events.publish(ModelEvent("received", source, package, sha256=sha))
+        self.events.publish(ModelEvent("validating", source, package, sha256=sha))
+        if data.startswith(b"BAD"):
+            self.events.publish(ModelEvent("rejected", source, package, sha256=sha,
+                                           reason="no model file (.onnx or .tflite) in the package"))
+            return
+        if sha in self.installed:
+            self.events.publish(ModelEvent("duplicate", source, package, sha256=sha))
+            return
+        name = intent.get("name") or package.split("-")[0]
+        version = intent.get("version") or package.rsplit("-", 1)[-1].removesuffix(".zip")
+        self.install(package, data, name, version)
+        if intent.get("activate", True):
+            await self.activate(name, version, source)
+        else:
+            self.events.publish(ModelEvent("stored", source, package, name, version, sha))
+
+
+class Rig:
+    """A running TwinService against the hub simulator, with its scripted pipeline."""
+
+    def __init__(self, hub: IotHub, blobs: BlobStore, data_dir: Path, **options: Any) -> None:
+        self.hub, self.sim, self.blobs = hub, hub.sim, blobs
+        self.pipeline = ScriptedPipeline(data_dir)
+        settings = Settings(data_dir=data_dir, twin="auto", connection_string=hub.connection_string)
+        defaults: dict[str, Any] = {
+            "progress_interval": 0.5, "retry_interval": 0.5, "twin_timeout": 5.0, "pipeline_timeout": 15.0,
+            "download_retries": 3, "download_backoff": (0.1, 0.5), "download_read_timeout": 5.0,
+            "connection_retry_interval": 1,
+        }
+        self.service = TwinService(settings, self.pipeline, env=hub.env, **(defaults | options))
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> Rig:
+        self._tasks = [asyncio.create_task(self.pipeline.run()), asyncio.create_task(self.service.run())]
+        # Connected, first twin read, desired-patch handler subscribed.
+        await eventually(lambda: self.sim.twin_gets >= 2 or any(t.done() for t in self._tasks), 15,
+                         "the module to connect and read its twin")
+        for task in self._tasks:
+            if task.done():
+                task.result()
+        return self
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.wait(self._tasks, timeout=15)
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    def desired_for(self, blob: str, data: bytes, via: FaultProxy | None = None, **kw: Any) -> dict[str, Any]:
+        """Upload ``data`` as ``blob`` and return what ``edgeloader twin-patch`` prints for it."""
+        self.blobs.upload(blob, data)
+        tmp = self.pipeline.data_dir / blob
+        tmp.write_bytes(data)
+        try:
+            return desired_properties(tmp, self.blobs.sas_url(blob, via=via), **kw)
+        finally:
+            tmp.unlink()
+
+
+@pytest.fixture
+async def rig(iot_hub: IotHub, blob_store: BlobStore, tmp_path: Path) -> AsyncIterator[Rig]:
+    rig = Rig(iot_hub, blob_store, tmp_path / "data")
+    await rig.start()
+    try:
+        yield rig
+    finally:
+        await rig.stop()
+
+
+# ----------------------------------------------------------------------------------------- tests
+async def test_happy_path_reports_active_and_sends_output(rig: Rig) -> None:
+    data = package_bytes(600 * KiB)
+    desired = rig.desired_for("ssd-1.2.zip", data, name="ssd", version="1.2")
+    started = time.monotonic()
+    version = rig.sim.set_desired(desired)
+    status = await rig.sim.wait_status("active", version)
+    elapsed = time.monotonic() - started
+    print(f"desired patch -> active on loopback: {elapsed * 1000:.0f} ms")
+
+    reported = rig.sim.reported_copy()
+    assert reported["LatestAIModelFileName"] == "ssd-1.2.zip"
+    assert status["FileName"] == "ssd-1.2.zip" and status["BytesDone"] == status["BytesTotal"] == len(data)
+    assert "Reason" not in status and status["Timestamp"].endswith("Z")
+    assert status["ActiveModel"]["Name"] == "ssd" and status["ActiveModel"]["Version"] == "1.2"
+    assert len(status["ActiveModel"]["SHA256"]) == 64
+    # Reports are coalesced (only the latest status matters), so steps may be skipped, never reordered.
+    order = ["downloading", "verifying", "activating", "active"]
+    states = rig.sim.states()
+    assert states[0] == "downloading" and states[-1] == "active"
+    assert [order.index(s) for s in states] == sorted(order.index(s) for s in states)
+
+    messages = await eventually(lambda: rig.sim.outputs("DLModelOutput"), 10, "a DLModelOutput message")
+    body = messages[-1].body
+    assert body["local_model_path"] == "models/ssd/1.2/model.tflite"
+    assert body["local_labelmap_path"] == "models/ssd/1.2/labels.txt"
+    assert (body["model_name"], body["model_version"]) == ("ssd", "1.2")
+    assert rig.pipeline.received == ["ssd-1.2.zip"]
+    assert sorted(os.listdir(rig.pipeline.staging_dir)) == []  # nothing left behind
+    assert "sig=" not in json.dumps(reported)
+
+
+async def test_offline_while_desired_changes_catches_up_on_reconnect(rig: Rig) -> None:
+    first = rig.sim.set_desired(rig.desired_for("m-1.zip", package_bytes(100 * KiB, "1")))
+    await rig.sim.wait_status("active", first)
+    rig.hub.proxy.offline()  # the hub is unreachable; IoT Hub keeps no patch for an offline module
+    await eventually(lambda: not rig.service.hub or not rig.service.hub.connected, 10, "the disconnect")
+    second = rig.sim.set_desired(rig.desired_for("m-2.zip", package_bytes(100 * KiB, "2")))
+    await asyncio.sleep(1.5)  # the module misses the patch notification for good
+    assert rig.pipeline.received == ["m-1.zip"]
+    rig.hub.proxy.online()
+    status = await rig.sim.wait_status("active", second, within=20)
+    assert status["FileName"] == "m-2.zip"
+    assert rig.sim.reported_copy()["LatestAIModelFileName"] == "m-2.zip"
+    assert rig.pipeline.received == ["m-1.zip", "m-2.zip"]
+
+
+async def test_download_cut_at_half_resumes(rig: Rig, blob_proxy: FaultProxy) -> None:
+    data = package_bytes(3 * 1024 * KiB)
+    desired = rig.desired_for("big-1.zip", data, via=blob_proxy)
+    blob_proxy.cut_after(len(data) // 2)
+    version = rig.sim.set_desired(desired)
+    await rig.sim.wait_status("active", version, within=20)
+    download = rig.service.last_download
+    assert download is not None and download.attempts == 2
+    chunk = download.chunk_size
+    assert len(data) <= download.bytes_fetched <= len(data) + chunk
+    assert blob_proxy.bytes_down <= len(data) + chunk  # what crossed the wire, headers included
+    print(f"twin resume: package {len(data)} B, fetched {download.bytes_fetched} B, "
+          f"on the wire {blob_proxy.bytes_down} B")
+
+
+async def test_failures_are_reported_once_and_not_retried(rig: Rig, blob_proxy: FaultProxy,
+                                                          iot_hub: IotHub, tmp_path: Path) -> None:
+    blobs = rig.blobs
+    good = package_bytes(50 * KiB, "good")
+    cases: list[tuple[dict[str, Any], str]] = []
+    wrong = rig.desired_for("wrong-1.zip", good, via=blob_proxy)
+    wrong["ContentSHA256"] = hashlib.sha256(b"something else").hexdigest()
+    wrong.pop("ContentMD5")
+    cases.append((wrong, "SHA-256 mismatch"))
+    expired = rig.desired_for("expired-1.zip", good, via=blob_proxy)
+    expired["DownloadUrl"] = blobs.sas_url("expired-1.zip", expires_in=-60, via=blob_proxy)
+    cases.append((expired, "SAS token is expired or invalid"))
+    missing = rig.desired_for("missing-1.zip", good, via=blob_proxy)
+    missing["DownloadUrl"] = blobs.sas_url("never-uploaded.zip", via=blob_proxy)
+    cases.append((missing, "not found (HTTP 404)"))
+    cases.append((rig.desired_for("broken-1.zip", package_bytes(40 * KiB, bad=True), via=blob_proxy),
+                  "no model file"))
+    cases.append(({"FileName": "x-1.zip", "DownloadUrl": "https://example.invalid/x.zip"},
+                  "ContentSHA256 or ContentMD5 is required"))
+
+    for desired, reason in cases:
+        before = blob_proxy.connections
+        version = rig.sim.set_desired(desired)
+        status = await rig.sim.wait_status("failed", version)
+        assert reason in status["Reason"], status
+        assert "sig=" not in status["Reason"]
+        assert blob_proxy.connections - before <= 1  # one request, no retry loop
+    connections = blob_proxy.connections
+    await asyncio.sleep(1.0)
+    assert blob_proxy.connections == connections, "a failed update is being retried"
+    assert rig.pipeline.received == ["broken-1.zip"]
+    assert "sig=" not in json.dumps(rig.sim.reported_copy())
+
+    # A restart (the supervisor restarts a crashed service) does not retry the failed version either.
+    await rig.stop()
+    again = Rig(iot_hub, blobs, tmp_path / "data2")
+    await again.start()
+    try:
+        await asyncio.sleep(1.0)
+        assert blob_proxy.connections == connections
+        assert rig.sim.status()["State"] == "failed"
+    finally:
+        await again.stop()
+
+
+async def test_duplicate_desired_downloads_nothing(rig: Rig, blob_proxy: FaultProxy) -> None:
+    data = package_bytes(200 * KiB, "dup")
+    desired = rig.desired_for("dup-1.zip", data, via=blob_proxy, name="dup", version="1")
+    first = rig.sim.set_desired(desired)
+    await rig.sim.wait_status("active", first)
+    connections = blob_proxy.connections
+    # Same package, fresh SAS (a new $version): already here, already active -> nothing to fetch.
+    again = dict(desired, DownloadUrl=rig.blobs.sas_url("dup-1.zip", via=blob_proxy, expires_in=7200))
+    second = rig.sim.set_desired(again)
+    await rig.sim.wait_status("active", second)
+    assert blob_proxy.connections == connections
+    assert rig.pipeline.received == ["dup-1.zip"] and len(rig.pipeline.activations) == 1
+
+    # Installed but not active: activated from the repository, still without a download.
+    other = package_bytes(10 * KiB, "other")
+    rig.pipeline.install("other-1.zip", other, "other", "1")
+    await rig.pipeline.activate("other", "1", "api")
+    await eventually(lambda: rig.sim.reported_copy().get("LatestAIModelFileName") == "other-1.zip", 10,
+                     "the API activation to be reported")
+    third = rig.sim.set_desired({"Activate": True, "ContentLength": len(data)})  # any newer version
+    await rig.sim.wait_status("active", third)
+    assert rig.pipeline.activations[-1] == ("dup", "1", "twin")
+    assert rig.sim.reported_copy()["LatestAIModelFileName"] == "dup-1.zip"
+    assert blob_proxy.connections == connections
+
+
+async def test_newer_desired_supersedes_a_running_download(rig: Rig, blob_proxy: FaultProxy) -> None:
+    slow = package_bytes(2 * 1024 * KiB, "slow")
+    blob_proxy.throttle(256 * KiB)  # about 8 s for the whole package
+    first = rig.sim.set_desired(rig.desired_for("slow-1.zip", slow, via=blob_proxy))
+    await eventually(lambda: rig.sim.status().get("BytesDone", 0) > 0, 10, "download progress")
+    fast = package_bytes(64 * KiB, "fast")
+    second = rig.sim.set_desired(rig.desired_for("fast-2.zip", fast))  # straight to Azurite
+    status = await rig.sim.wait_status("active", second)
+    assert status["FileName"] == "fast-2.zip"
+    assert rig.pipeline.received == ["fast-2.zip"]
+    staged = os.listdir(rig.pipeline.staging_dir)
+    assert not any(name.startswith("slow-1.zip") for name in staged), staged
+    assert first < second and rig.service.last_download is not None
+    assert rig.service.last_download.url.startswith(rig.blobs.azurite.endpoint)  # the slow one was dropped
+    # Progress is throttled: at most one 'downloading' report per progress_interval (0.5 s).
+    downloading = [p for p in rig.sim.states() if p == "downloading"]
+    assert 1 <= len(downloading) <= 2 + 2 * 3  # the first report plus at most 2/s for ~3 s
+
+
+async def test_reported_update_made_offline_arrives_after_reconnect(rig: Rig) -> None:
+    rig.pipeline.install("drop-7.zip", b"dropped", "drop", "7")
+    rig.hub.proxy.offline()
+    await eventually(lambda: rig.service.hub is not None and not rig.service.hub.connected, 10,
+                     "the disconnect")
+    await rig.pipeline.activate("drop", "7", "inbox")  # e.g. a USB drop while the uplink is down
+    await asyncio.sleep(1.0)
+    assert rig.sim.reported_copy().get("LatestAIModelFileName") != "drop-7.zip"
+    assert rig.sim.outputs("DLModelOutput") == []
+    assert rig.service.reporter is not None and rig.service.reporter.pending
+    rig.hub.proxy.online()
+    await eventually(lambda: rig.sim.reported_copy().get("LatestAIModelFileName") == "drop-7.zip", 20,
+                     "the reported update after reconnect")
+    messages = await eventually(lambda: rig.sim.outputs("DLModelOutput"), 10, "the DLModelOutput message")
+    assert messages[0].body["model_version"] == "7"
+    assert rig.sim.reported_copy()["ModelUpdate"]["ActiveModel"]["Version"] == "7"
+
+
+async def test_standalone_mode_runs_without_a_hub(tmp_path: Path) -> None:
+    pipeline = ScriptedPipeline(tmp_path)
+    service = TwinService(Settings(data_dir=tmp_path), pipeline, env={})
+    task = asyncio.create_task(service.run())
+    await asyncio.sleep(0.1)
+    assert not task.done() and service.hub is None
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def test_desired_model_parsing() -> None:
+    sha = hashlib.sha256(b"x").hexdigest()
+    base = {"FileName": "m-1.zip", "DownloadUrl": "https://a.blob.core.windows.net/c/m.zip?sig=x",
+            "ContentSHA256": sha.upper(), "ContentLength": "12", "Activate": "false", "$version": 7}
+    model = DesiredModel.parse(base)
+    assert model is not None
+    assert (model.sha256, model.length, model.activate, model.desired_version) == (sha, 12, False, 7)
+    assert DesiredModel.parse({"$version": 3, "Other": 1}) is None
+    assert model.same_target(DesiredModel.parse(dict(base, DownloadUrl="https://b/c?sig=y")))  # type: ignore[arg-type]
+    for bad in ({"FileName": "../evil.zip"}, {"FileName": ".hidden"}, {"DownloadUrl": "ftp://x/y"},
+                {"ContentLength": -1}, {"ContentMD5": "nope"}, {"Activate": "perhaps"}):
+        with pytest.raises(ValueError):
+            DesiredModel.parse(dict(base, **bad))
