@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -94,10 +95,12 @@ def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
                         out.write(block)
             except FileExistsError as exc:
                 raise PackageError(f"archive holds {info.filename!r} twice") from exc
-            except (zipfile.BadZipFile, EOFError, OSError) as exc:
-                if isinstance(exc, PackageError):
-                    raise
+            except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
                 raise PackageError(f"archive entry {info.filename!r} is corrupt: {exc}") from exc
+            except RuntimeError as exc:  # zipfile's "File is encrypted, password required"
+                raise PackageError(f"archive entry {info.filename!r} cannot be read: {exc}") from exc
+            except NotImplementedError as exc:  # a compression method zipfile lacks (deflate64...)
+                raise PackageError(f"archive entry {info.filename!r}: {exc}; zip it with deflate") from exc
 
 
 def _copy_folder(src: Path, dest: Path, limits: ArchiveLimits) -> None:

@@ -28,7 +28,7 @@ from handlers.runtimes import ModelLoadError, Runtime, open_runtime
 from supervisor.errors import ModelInvalid, NoModelLoaded
 from supervisor.package import Manifest, PackageError, file_sha256, read_labels, read_manifest
 
-__all__ = ["DetectResult", "Engine", "LoadedModel", "load_model"]
+__all__ = ["DetectResult", "Engine", "LoadedModel", "load_and_warm", "load_model"]
 
 log = structlog.get_logger(__name__)
 
@@ -112,6 +112,26 @@ def load_model(
     return LoadedModel(info=info, runtime=runtime, handler=handler)
 
 
+def load_and_warm(
+    folder: Path, default_threshold: float, runtime_threads: int = 1, manifest: Manifest | None = None
+) -> LoadedModel:
+    """``load_model``, then a blank image through the whole path (the engine, ``edgeloader verify``).
+
+    The warm-up catches output shapes a handler cannot decode and pays the runtime's first-call
+    cost before real requests arrive. Blocking; raises ModelInvalid with the reason."""
+    model = load_model(folder, default_threshold, runtime_threads, manifest)
+    try:
+        w, h = model.handler.input_size
+        blank = Image.new("RGB", (max(w, 1), max(h, 1)), (114, 114, 114))
+        prepared = model.handler.preprocess(blank)
+        outputs = model.runtime.run(prepared.feeds)
+        model.handler.postprocess(outputs, prepared)
+    except Exception as exc:  # any failure here means the model is unusable
+        model.runtime.close()
+        raise ModelInvalid(f"warm-up inference failed: {type(exc).__name__}: {exc}") from exc
+    return model
+
+
 @dataclass
 class DetectResult:
     model: ModelInfo
@@ -158,19 +178,7 @@ class Engine:
         return await loop.run_in_executor(self.executor, self._load_and_warm, folder, manifest)
 
     def _load_and_warm(self, folder: Path, manifest: Manifest | None) -> LoadedModel:
-        model = load_model(folder, self.default_threshold, self.runtime_threads, manifest)
-        try:
-            # A blank image through the whole path: catches output shapes a handler cannot
-            # decode and pays the runtime's first-call cost before real requests arrive.
-            w, h = model.handler.input_size
-            blank = Image.new("RGB", (max(w, 1), max(h, 1)), (114, 114, 114))
-            prepared = model.handler.preprocess(blank)
-            outputs = model.runtime.run(prepared.feeds)
-            model.handler.postprocess(outputs, prepared)
-        except Exception as exc:  # any failure here means the model is unusable
-            model.runtime.close()
-            raise ModelInvalid(f"warm-up inference failed: {type(exc).__name__}: {exc}") from exc
-        return model
+        return load_and_warm(folder, self.default_threshold, self.runtime_threads, manifest)
 
     def swap(self, model: LoadedModel) -> LoadedModel | None:
         """Make ``model`` active; the old one is closed once its in-flight requests finish."""

@@ -8,6 +8,7 @@ pipeline emits events; it never talks to IoT Hub itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -20,15 +21,24 @@ from typing import Any, TypeVar
 import structlog
 
 from supervisor.archive import ArchiveLimits, unpack_package
-from supervisor.engine import Engine, LoadedModel
+from supervisor.engine import Engine, LoadedModel, load_and_warm
 from supervisor.errors import Conflict, ModelInvalid, NotFound
 from supervisor.events import EventBus, ModelEvent, State
-from supervisor.package import PackageError, file_sha256, read_manifest, verify_files
+from supervisor.package import Manifest, PackageError, file_sha256, read_manifest, verify_files
 from supervisor.quarantine import Quarantine
 from supervisor.repository import InstalledVersion, Repository
 from supervisor.settings import Settings
 
-__all__ = ["INTENT_SUFFIX", "Pipeline", "package_sha256"]
+__all__ = [
+    "INTENT_SUFFIX",
+    "Pipeline",
+    "Validated",
+    "check_package_checksums",
+    "package_sha256",
+    "read_intent",
+    "stage_package",
+    "validate_package",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -88,6 +98,51 @@ def read_intent(package: Path, source: str) -> Intent:
 
 def sidecars(package: Path) -> list[Path]:
     return [package.with_name(package.name + s) for s in (INTENT_SUFFIX, ".sha256", ".md5")]
+
+
+def check_package_checksums(package: Path, sha: str, intent: Intent) -> None:
+    """The whole package against the SHA-256 / MD5 its sender gave (sidecar or intent). Blocking."""
+    if intent.sha256 and intent.sha256 != sha:
+        raise PackageError(f"package SHA-256 is {sha[:12]}…, expected {intent.sha256[:12]}…")
+    if intent.md5 and package.is_file():
+        md5 = _file_md5(package)
+        if md5 != intent.md5:
+            raise PackageError(f"package MD5 is {md5}, expected {intent.md5}")
+
+
+def stage_package(package: Path, workdir: Path, limits: ArchiveLimits, intent: Intent, sha: str) -> Manifest:
+    """Unpack ``package`` safely into the empty ``workdir``, read its manifest and check every file
+    the manifest lists against its SHA-256. Blocking. Raises PackageError with the reason."""
+    unpack_package(package, workdir, limits)
+    stem = package.name.split(".")[0] if package.is_file() else package.name
+    manifest = read_manifest(workdir, intent.name or stem, intent.version or sha[:12])
+    verify_files(workdir, manifest)
+    return manifest
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A package that passed every check (``validate_package``); its model is loaded and warm."""
+
+    sha256: str
+    intent: Intent
+    manifest: Manifest
+    model: LoadedModel
+
+
+def validate_package(package: Path, workdir: Path, settings: Settings, source: str = "cli") -> Validated:
+    """Every check the pipeline makes before a package may become active, without a repository:
+    checksums, archive safety, manifest, per-file hashes, model load, handler, labels, warm-up.
+    Blocking (``edgeloader verify``). The caller owns ``workdir`` and closes ``model.runtime``."""
+    if package.is_symlink():
+        raise PackageError("the package is a symlink; drop the file or folder itself")
+    intent = read_intent(package, source)
+    sha = package_sha256(package)
+    check_package_checksums(package, sha, intent)
+    limits = ArchiveLimits(settings.max_package_files, settings.max_package_bytes, settings.max_compression_ratio)
+    manifest = stage_package(package, workdir, limits, intent, sha)
+    model = load_and_warm(workdir, settings.score_threshold, settings.runtime_threads or 1, manifest)
+    return Validated(sha, intent, manifest, model)
 
 
 class Pipeline:
@@ -186,22 +241,24 @@ class Pipeline:
             self._emit("received", source, name)
             sha: str | None = None
             try:
+                if package.is_symlink():
+                    raise PackageError("the package is a symlink; drop the file or folder itself")
                 sha = await self._blocking(package_sha256, package)
                 return await self._process_locked(package, name, sha, intent)
             except (PackageError, ModelInvalid, FileExistsError, OSError) as exc:
                 reason = str(exc) if not isinstance(exc, FileExistsError) else f"{exc}, with other content"
-                await self._blocking(self.quarantine.add, package, reason, sha, sidecars(package))
-                self._emit("rejected", source, name, sha256=sha, reason=reason)
-                return None
+            except Exception as exc:
+                # A bug of ours or a library's met on this package: quarantine it all the same, with
+                # the reason (visible in /models), rather than leave it in the folder unexplained.
+                log.exception("package_processing_error", package=name)
+                reason = f"unexpected error while processing the package: {type(exc).__name__}: {exc}"
+            await self._blocking(self.quarantine.add, package, reason, sha, sidecars(package))
+            self._emit("rejected", source, name, sha256=sha, reason=reason)
+            return None
 
     async def _process_locked(self, package: Path, name: str, sha: str, intent: Intent) -> InstalledVersion | None:
         source = intent.source
-        if intent.sha256 and intent.sha256 != sha:
-            raise PackageError(f"package SHA-256 is {sha[:12]}…, expected {intent.sha256[:12]}…")
-        if intent.md5 and package.is_file():
-            md5 = await self._blocking(_file_md5, package)
-            if md5 != intent.md5:
-                raise PackageError(f"package MD5 is {md5}, expected {intent.md5}")
+        await self._blocking(check_package_checksums, package, sha, intent)
         installed = self.repo.find_by_package_sha256(sha)
         if installed is not None or self.quarantine.seen(sha):
             await self._resume_if_interrupted(installed, intent, name, sha)
@@ -214,10 +271,7 @@ class Pipeline:
         self._emit("validating", source, name, sha256=sha)
         workdir = await self._blocking(self.repo.new_workdir)
         try:
-            await self._blocking(unpack_package, package, workdir, self.limits)
-            stem = package.name.split(".")[0] if package.is_file() else package.name
-            manifest = await self._blocking(read_manifest, workdir, intent.name or stem, intent.version or sha[:12])
-            await self._blocking(verify_files, workdir, manifest)
+            manifest = await self._blocking(stage_package, package, workdir, self.limits, intent, sha)
             # Load and warm up from the workdir: a model that fails never reaches models/.
             model = await self.engine.load(workdir, manifest)
         except BaseException:
@@ -236,7 +290,7 @@ class Pipeline:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         # The runtime was loaded from the workdir; re-point the model's info at its new home.
-        model.info = model.info.__class__(**{**model.info.__dict__, "path": version.path})
+        model.info = dataclasses.replace(model.info, path=version.path)
         if activate:
             self._emit("activating", source, name, sha256=sha, name=version.name, version=version.version)
             await self._make_active(model, version, source, name, sha)
@@ -263,8 +317,10 @@ class Pipeline:
     async def _make_active(
         self, model: LoadedModel, version: InstalledVersion, source: str, package: str, sha: str | None = None
     ) -> None:
-        await self._blocking(_mark_activated, version.path)
+        # Flip first: a crash between the two leaves the version current (start-up serves it);
+        # the other order would leave it marked but never active, and its package a "duplicate".
         await self._blocking(self.repo.flip, version)
+        await self._blocking(_mark_activated, version.path)
         self.engine.swap(model)
         self.events.publish(self._active_event(model, source, package, sha))
 

@@ -165,22 +165,19 @@ class Repository:
             pass
 
     def prune(self, keep: int) -> list[InstalledVersion]:
-        """Keep the newest ``keep`` versions of each name; never the current or previous one."""
+        """Keep the newest ``keep`` versions of each name, and the current and previous ones
+        whatever their age. (Counting an old current against ``keep`` would delete the newest
+        versions instead, the one just stored with ``"activate": false`` among them.)"""
         protected = {v.key for v in (self.current(), self.previous()) if v is not None}
         removed = []
         by_name: dict[str, list[InstalledVersion]] = {}
         for v in self.versions():
             by_name.setdefault(v.name, []).append(v)
         for versions in by_name.values():
-            surplus = len(versions) - max(keep, 1)
-            for v in versions:  # oldest first
-                if surplus <= 0:
-                    break
-                if v.key in protected:
-                    continue
-                self.remove(v)
-                removed.append(v)
-                surplus -= 1
+            for v in versions[: -max(keep, 1)]:  # oldest first, all but the newest `keep`
+                if v.key not in protected:
+                    self.remove(v)
+                    removed.append(v)
         return removed
 
     def repair(self) -> list[str]:

@@ -26,7 +26,7 @@ import structlog
 from supervisor.download import Download, DownloadError, DownloadResult, commit, parse_md5, parse_sha256
 from supervisor.events import EventBus, ModelEvent
 from supervisor.redact import redact, redact_url
-from supervisor.reporter import Reporter
+from supervisor.reporter import Reporter, merge_patch
 from supervisor.twin_client import RETRYABLE, HubClient, describe_mode
 
 __all__ = ["OUTPUT_NAME", "DesiredModel", "TwinService", "Updates"]
@@ -447,17 +447,26 @@ class TwinService:
             status["BytesDone"] = bytes_done
             status["BytesTotal"] = bytes_total
         log.info("model_update_status", **{k: v for k, v in status.items() if v is not None})
+        patch: dict[str, Any] = {"ModelUpdate": status}
+        active = self.updates.active() if state == "active" else None
+        if active is not None:
+            # One patch: whoever reads "active" also reads which model it is.
+            patch = merge_patch(self._active_patch(active), patch)
         assert self.reporter is not None
-        self.reporter.report({"ModelUpdate": status})
+        self.reporter.report(patch)
 
-    def _report_active(self, event: ModelEvent, send_message: bool = True) -> None:
-        assert self.reporter is not None
-        self.reporter.report({
+    @staticmethod
+    def _active_patch(event: ModelEvent) -> dict[str, Any]:
+        return {
             "LatestAIModelFileName": event.package,
             "ModelUpdate": {"ActiveModel": {
                 "Name": event.name, "Version": event.version, "SHA256": event.model_sha256,
             }},
-        })
+        }
+
+    def _report_active(self, event: ModelEvent, send_message: bool = True) -> None:
+        assert self.reporter is not None
+        self.reporter.report(self._active_patch(event))
         if send_message:
             body = {
                 "local_model_path": event.model_path,

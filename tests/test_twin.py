@@ -261,8 +261,8 @@ async def test_failures_are_reported_once_and_not_retried(rig: Rig, blob_proxy: 
     cases.append((missing, "not found (HTTP 404)"))
     cases.append((rig.desired_for("broken-1.zip", package_bytes(40 * KiB, bad=True), via=blob_proxy),
                   "no model file"))
-    cases.append(({"FileName": "x-1.zip", "DownloadUrl": "https://example.invalid/x.zip"},
-                  "ContentSHA256 or ContentMD5 is required"))
+    cases.append(({"FileName": "x-1.zip", "DownloadUrl": "http://127.0.0.1:9/x-1.zip", "ContentSHA256": None,
+                   "ContentMD5": None}, "ContentSHA256 or ContentMD5 is required"))
 
     for desired, reason in cases:
         before = blob_proxy.connections

@@ -1,0 +1,197 @@
+"""Image decoding and the resize/letterbox/normalise steps every family shares.
+
+Everything here runs on the request hot path: decoding reads the header first (size and format
+checks cost nothing), JPEGs are decoded at reduced scale when the model wants a small input
+(Pillow draft mode: the DCT does the downscaling), and tensors are written in one vectorised
+pass through a 256-entry lookup table instead of astype/multiply/add passes.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "ImageDecodeError",
+    "ImageTooLarge",
+    "Letterbox",
+    "UnsupportedImageType",
+    "decode_image",
+    "fit_size",
+    "image_to_tensor",
+    "letterbox_geometry",
+    "value_lut",
+]
+
+# Magic numbers of the formats we decode, and of common image formats we refuse by name.
+_SUPPORTED_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"BM", "BMP"),
+)
+_REFUSED_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+)
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientations 5..8 rotate by 90 degrees: the stored width and height are swapped.
+_ROTATED = {5, 6, 7, 8}
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are empty, truncated or not a decodable image."""
+
+
+class ImageTooLarge(ValueError):
+    """The image has more pixels than allowed (checked from the header, before decoding)."""
+
+
+class UnsupportedImageType(ValueError):
+    """A recognised image format that this service does not accept (GIF, TIFF, ...)."""
+
+
+def _sniff(data: bytes) -> str:
+    for magic, fmt in _SUPPORTED_MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in _REFUSED_MAGIC:
+        if data.startswith(magic):
+            raise UnsupportedImageType(f"{fmt} images are not supported; send JPEG, PNG, BMP or WebP")
+    if data[4:8] == b"ftyp":  # ISO media: HEIC/HEIF/AVIF
+        raise UnsupportedImageType("HEIF/AVIF images are not supported; send JPEG, PNG, BMP or WebP")
+    raise ImageDecodeError("not a JPEG, PNG, BMP or WebP image")
+
+
+def decode_image(
+    data: bytes, target_size: tuple[int, int] | None, max_pixels: int
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode JPEG/PNG/BMP/WebP bytes to an RGB image.
+
+    Returns ``(image, original_size)``: ``original_size`` is the full (width, height) of the
+    picture after EXIF orientation; ``image`` may be smaller than that for JPEGs when
+    ``target_size`` is given (decoded at 1/2, 1/4 or 1/8 scale, never below ``target_size``).
+    """
+    if not data:
+        raise ImageDecodeError("empty image")
+    fmt = _sniff(data)
+    try:
+        img = Image.open(io.BytesIO(data), formats=(fmt,))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"image is {width}x{height}, more than {max_pixels} pixels")
+        orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
+        rotated = orientation in _ROTATED
+        if target_size is not None and fmt == "JPEG":
+            tw, th = target_size
+            # draft() works on the stored (unrotated) raster.
+            img.draft("RGB", (th, tw) if rotated else (tw, th))
+        img.load()
+        if orientation != 1:
+            transposed = ImageOps.exif_transpose(img)
+            if transposed is not None:
+                img = transposed
+        if img.mode != "RGB":
+            # Palette images with transparency warn when converted straight to RGB.
+            img = img.convert("RGBA" if img.mode == "P" else img.mode).convert("RGB")
+    except (ImageTooLarge, ImageDecodeError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fires in open() for absurd headers (and warns, which pytest turns
+        # into an error, for merely large ones): same meaning as ours.
+        raise ImageTooLarge(f"image too large: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"cannot decode {fmt} image: {exc}") from exc
+    original = (height, width) if rotated else (width, height)
+    return img, original
+
+
+def fit_size(image_size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """The largest (w, h) with the image's aspect ratio that fits in ``box``."""
+    iw, ih = image_size
+    bw, bh = box
+    scale = min(bw / iw, bh / ih)
+    return max(1, min(bw, round(iw * scale))), max(1, min(bh, round(ih * scale)))
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where the image sits inside the model input: content size and (left, top) offset."""
+
+    input_size: tuple[int, int]
+    content_size: tuple[int, int]
+    offset: tuple[int, int]
+
+    def to_image(self, xyxy: np.ndarray) -> np.ndarray:
+        """Boxes (N, 4) in input pixels -> boxes normalised to the image (not clipped)."""
+        (cw, ch), (left, top) = self.content_size, self.offset
+        out = np.asarray(xyxy, dtype=np.float32) - np.array([left, top, left, top], np.float32)
+        out /= np.array([cw, ch, cw, ch], np.float32)
+        return out
+
+
+def letterbox_geometry(image_size: tuple[int, int], input_size: tuple[int, int]) -> Letterbox:
+    """Centred letterbox of an image into the input, keeping aspect ratio."""
+    cw, ch = fit_size(image_size, input_size)
+    iw, ih = input_size
+    return Letterbox(input_size, (cw, ch), ((iw - cw) // 2, (ih - ch) // 2))
+
+
+def value_lut(low: float, high: float, dtype: str = "float32") -> np.ndarray:
+    """Lookup table mapping pixel values 0..255 linearly onto [low, high]."""
+    return np.linspace(low, high, 256, dtype=np.float64).astype(dtype)
+
+
+def image_to_tensor(
+    image: Image.Image,
+    input_size: tuple[int, int],
+    *,
+    lut: np.ndarray | None,
+    layout: Literal["NHWC", "NCHW"] = "NHWC",
+    keep_aspect: bool = True,
+    fill: int = 0,
+) -> tuple[np.ndarray, Letterbox]:
+    """Resize (bilinear) and pack an RGB image into a batch-of-one tensor.
+
+    ``lut`` maps pixel values to tensor values (its dtype is the tensor's); ``None`` keeps raw
+    uint8 pixels. With ``keep_aspect`` the image is letterboxed (centred, padded with pixel
+    value ``fill``); otherwise stretched to the input size. The returned ``Letterbox`` maps
+    boxes in input pixels back to the image.
+    """
+    iw, ih = input_size
+    geo = (
+        letterbox_geometry(image.size, input_size)
+        if keep_aspect
+        else Letterbox(input_size, input_size, (0, 0))
+    )
+    (cw, ch), (left, top) = geo.content_size, geo.offset
+    resized = image if image.size == (cw, ch) else image.resize((cw, ch), Image.Resampling.BILINEAR)
+    pixels = np.asarray(resized)  # (ch, cw, 3) uint8, read-only view of Pillow's buffer
+    dtype = np.uint8 if lut is None else lut.dtype
+    shape = (1, ih, iw, 3) if layout == "NHWC" else (1, 3, ih, iw)
+    padded = (cw, ch) != (iw, ih)
+    out = np.empty(shape, dtype=dtype)
+    if padded:
+        out.fill(fill if lut is None else lut[fill])
+    if layout == "NHWC":
+        region = out[0, top : top + ch, left : left + cw, :]
+        src = pixels
+    else:
+        region = out[0, :, top : top + ch, left : left + cw]
+        src = pixels.transpose(2, 0, 1)
+    if lut is None:
+        region[...] = src
+    else:
+        # One gather pass straight into the output (mode="clip" lets take() write unbuffered).
+        np.take(lut, src, out=region, mode="clip")
+    return out, geo

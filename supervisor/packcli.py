@@ -1,0 +1,219 @@
+"""``edgeloader pack`` and ``edgeloader verify``: build a model package, check one without a device.
+
+``pack DIR -o model.zip`` writes a zip holding the folder's files and a ``model.json`` whose
+``files`` maps each file to its SHA-256 (the pipeline checks them), then runs ``verify`` on it.
+The zip is written as ``model.zip.part`` and renamed when complete and verified, so ``-o`` may
+point straight into a drop folder.
+
+``verify PACKAGE`` makes every check the pipeline makes before activation (``validate_package``:
+checksums, archive safety, manifest, hashes, model load, handler, labels, warm-up on a blank
+image) in a temporary folder, touching no repository. Exit status 0: valid, 1: invalid, 2: usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from supervisor.errors import ModelInvalid
+from supervisor.package import MANIFEST_NAME, PackageError, file_sha256, read_manifest
+
+__all__ = ["pack_main", "verify_main"]
+
+# Fixed timestamp and modes: packing the same folder twice gives the same bytes (the same SHA-256).
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"edgeloader: {message}", file=sys.stderr)
+    return code
+
+
+# -- pack ------------------------------------------------------------------------------------------
+
+
+def _package_files(folder: Path) -> list[Path]:
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_symlink():
+            raise PackageError(f"{rel} is a symlink; packages hold regular files only")
+        if path.is_dir() or rel.name in _SKIP_NAMES or any(p.startswith(".") for p in rel.parts):
+            continue
+        if not path.is_file():
+            raise PackageError(f"{rel} is not a regular file")
+        if rel.as_posix() != MANIFEST_NAME:
+            files.append(path)
+    return files
+
+
+def build_manifest(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """model.json for the package: the folder's own one (if any), completed and with hashes."""
+    raw: dict[str, Any] = {}
+    if (folder / MANIFEST_NAME).is_file():
+        raw = json.loads((folder / MANIFEST_NAME).read_text("utf-8"))
+        if not isinstance(raw, dict):
+            raise PackageError("model.json must hold a JSON object")
+    for key in ("name", "version", "handler"):
+        value = getattr(args, key)
+        if value:
+            raw[key] = value
+    if args.no_activate:
+        raw["activate"] = False
+    if args.score_threshold is not None:
+        if not 0.0 <= args.score_threshold <= 1.0:
+            raise PackageError("--score-threshold must be between 0 and 1")
+        raw["score_threshold"] = args.score_threshold
+    if not raw.get("version"):
+        raise PackageError("no version: pass --version or set 'version' in model.json")
+    # read_manifest finds the model and labels files and checks the fields as the pipeline will.
+    manifest = read_manifest(folder, fallback_name=str(raw.get("name") or folder.name))
+    files = _package_files(folder)
+    manifest_out = {
+        **raw,
+        "name": raw.get("name") or manifest.name,
+        "model": manifest.model_file,
+        "files": {f.relative_to(folder).as_posix(): file_sha256(f) for f in files},
+    }
+    if manifest.labels_file:
+        manifest_out["labels"] = manifest.labels_file
+    return manifest_out
+
+
+def write_zip(folder: Path, manifest: dict[str, Any], out: Path) -> None:
+    """The package: model.json first, then the files, deterministic, deflated."""
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        entries = [(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())]
+        entries += [(rel, (folder / rel).read_bytes()) for rel in manifest["files"]]
+        for name, data in entries:
+            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o100644 << 16
+            zf.writestr(info, data)
+
+
+def pack_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="edgeloader pack",
+        description="Build a model package: a zip of DIR with a model.json listing each file's SHA-256. "
+        "The package is verified (loaded and warmed up) before it is written.",
+    )
+    parser.add_argument("folder", type=Path, metavar="DIR", help="folder with the model file and labels")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the zip to write (e.g. model.zip)")
+    parser.add_argument("--name", help="model name (default: model.json, else the folder name)")
+    parser.add_argument("--version", help="version (required unless model.json has one)")
+    parser.add_argument("--handler", help="handler to use (default: matched by the model's signature)")
+    parser.add_argument("--score-threshold", type=float, help="default score threshold of the model")
+    parser.add_argument("--no-activate", action="store_true", help="install without activating it")
+    parser.add_argument("--sha256", action="store_true", help="also write OUTPUT.sha256 beside the zip")
+    parser.add_argument("--no-verify", action="store_true", help="skip loading and warming up the model")
+    parser.add_argument("--config", type=Path, help="settings file with the package limits")
+    args = parser.parse_args(argv)
+
+    folder: Path = args.folder
+    out: Path = args.output
+    if not folder.is_dir():
+        return _fail(f"{folder} is not a folder", 2)
+    if out.resolve().is_relative_to(folder.resolve()):
+        return _fail("write the package outside the folder being packed", 2)
+    try:
+        manifest = build_manifest(folder, args)
+    except (PackageError, ValueError, OSError) as exc:
+        return _fail(f"cannot pack {folder}: {exc}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # ".part" until complete and verified: a drop folder's watcher ignores it meanwhile.
+    part = out.with_name(out.name + ".part")
+    try:
+        write_zip(folder, manifest, part)
+        if not args.no_verify:
+            code = _verify(part, args.config, as_json=False, label=str(out))
+            if code != 0:
+                return code
+        sha = file_sha256(part)
+        if args.sha256:
+            out.with_name(out.name + ".sha256").write_text(f"{sha}  {out.name}\n", "utf-8")
+        os.replace(part, out)
+    finally:
+        part.unlink(missing_ok=True)
+    print(f"packed {out}: {manifest['name']} {manifest['version']}, {len(manifest['files'])} files, "
+          f"{out.stat().st_size} bytes, sha256 {sha}")
+    return 0
+
+
+# -- verify ----------------------------------------------------------------------------------------
+
+
+def _verify(package: Path, config: Path | None, as_json: bool, label: str | None = None) -> int:
+    # Imported here: the runtimes are heavy and `pack --help` should not wait for them.
+    from supervisor.pipeline import validate_package
+    from supervisor.settings import load_settings
+
+    try:
+        settings = load_settings(config_file=config)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
+    label = label or str(package)
+    if not package.exists():
+        return _fail(f"{package}: no such file or folder", 2)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="edgeloader-verify-") as tmp:
+        try:
+            checked = validate_package(package, Path(tmp), settings)
+        except (PackageError, ModelInvalid, OSError) as exc:
+            if as_json:
+                print(json.dumps({"package": label, "valid": False, "reason": str(exc)}))
+            else:
+                print(f"{label}: INVALID: {exc}", file=sys.stderr)
+            return 1
+        checked.model.runtime.close()
+    info, manifest = checked.model.info, checked.manifest
+    activate = manifest.activate if checked.intent.activate is None else checked.intent.activate
+    report = {
+        "package": label,
+        "valid": True,
+        "name": info.name,
+        "version": info.version,
+        "handler": info.handler,
+        "model_file": info.model_file,
+        "model_sha256": info.model_sha256,
+        "labels": len(info.labels),
+        "files_checked": len(manifest.files),
+        "activate": activate,
+        "package_sha256": checked.sha256,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if as_json:
+        print(json.dumps(report))
+        return 0
+    print(f"{label}: valid")
+    print(f"  model     {info.name} {info.version} ({info.model_file}, handler {info.handler})")
+    names = ", ".join(info.labels[:5]) + (", …" if len(info.labels) > 5 else "")
+    print(f"  labels    {len(info.labels)}: {names}")
+    hashes = f"{len(manifest.files)} files match model.json" if manifest.files else "none listed in model.json"
+    print(f"  hashes    {hashes}")
+    print(f"  activates {'yes' if activate else 'no (stored only)'}")
+    print(f"  sha256    {checked.sha256}")
+    return 0
+
+
+def verify_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="edgeloader verify",
+        description="Check a model package (zip, folder or model file) as the device would before "
+        "activating it: archive safety, checksums (model.json and a .sha256/.md5 beside it), model load, "
+        "handler, labels, warm-up. Nothing is installed. Exit status 0: valid, 1: invalid.",
+    )
+    parser.add_argument("package", type=Path, metavar="PACKAGE")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--config", type=Path, help="settings file with the package limits")
+    args = parser.parse_args(argv)
+    return _verify(args.package, args.config, args.json)
+

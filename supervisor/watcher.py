@@ -1,0 +1,278 @@
+"""The drop folders: hand each complete package in ``inbox/`` and ``staging/`` to the pipeline.
+
+A copy in progress is waited for, never rejected. Every top-level entry of a watched folder is a
+candidate with its own settle timer, restarted by any change under it. It is handed over when:
+
+- a file: its size and mtime stayed the same for ``settle_seconds`` and, when it starts like a zip,
+  the central directory (written last) is readable;
+- a folder: nothing in it changed for ``settle_seconds`` and no temp-named file lies in it.
+
+A sidecar (``x.zip.sha256``, ``.md5``, ``.intent.json``) restarts its package's timer, so one that
+arrives just after the package is still read. Temp and editor names are never candidates, nor are
+dot-names (the repository builds versions in ``staging/.tmp-*``).
+
+Packages present at start are picked up too. Notifications come from the OS (inotify) through
+``watchfiles``; a slow rescan also catches what a filesystem without notifications (a network
+share) never reports. ``WATCHFILES_FORCE_POLLING=1`` switches watchfiles to polling outright.
+Packages are processed one after the other; a package the pipeline leaves in place is not retried
+until it changes (the pipeline quarantines bad packages, so that should not happen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+import watchfiles
+
+from supervisor.archive import is_complete_zip
+
+__all__ = ["PackageWatcher", "is_candidate_name", "sidecar_owner"]
+
+log = structlog.get_logger(__name__)
+
+SIDECAR_SUFFIXES = (".intent.json", ".sha256", ".md5")
+# Names copy tools, browsers and editors give to files still being written.
+_TEMP_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".opdownload", ".tmp", ".temp", ".swp", "~")
+_TEMP_PREFIXES = ("~$", ".~lock", ".tmp-")
+# rsync writes ".<name>.<6 random chars>" and renames it when done.
+_RSYNC_TEMP = re.compile(r"^\..+\.[A-Za-z0-9]{6}$")
+# Litter from the operating system of the laptop that filled the USB stick.
+_OS_LITTER = frozenset({"thumbs.db", "desktop.ini", "system volume information", "$recycle.bin", "__macosx"})
+
+
+class _Processor(Protocol):
+    async def process(self, package: Path, source: str) -> object: ...
+
+
+def _is_temp_name(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(_TEMP_SUFFIXES) or lower.startswith(_TEMP_PREFIXES) or bool(_RSYNC_TEMP.match(name))
+
+
+def is_candidate_name(name: str) -> bool:
+    """Whether a top-level entry of a drop folder can be a package (by its name alone)."""
+    lower = name.lower()
+    return not (
+        name.startswith(".")
+        or _is_temp_name(name)
+        or lower.endswith(SIDECAR_SUFFIXES)
+        or lower in _OS_LITTER
+    )
+
+
+def sidecar_owner(name: str) -> str | None:
+    """``x.zip.sha256`` -> ``x.zip``: the package a sidecar belongs to."""
+    lower = name.lower()
+    for suffix in SIDECAR_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What a candidate looks like now; equal snapshots a settle period apart mean 'unchanged'."""
+
+    state: tuple[object, ...]
+    complete: bool  # False: a zip without its central directory, or a folder with temp files
+
+
+def _snapshot(path: Path) -> _Snapshot | None:
+    """Blocking (stats, and a zip's central directory): run it in a thread."""
+    try:
+        st = path.lstat()
+        if stat.S_ISDIR(st.st_mode):
+            return _folder_snapshot(path)
+        state: tuple[object, ...] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return _Snapshot(state, True)  # the pipeline says what is wrong with it
+        with path.open("rb") as f:
+            head = f.read(4)
+        # Zip writers put the central directory last: until it is there, the copy is not done.
+        # A file not starting like a zip gets no such grace; the pipeline rejects it if bad.
+        zip_like = head in (b"PK\x03\x04", b"PK\x05\x06")
+        return _Snapshot(state, not zip_like or is_complete_zip(path))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # unreadable right now (permissions being set by the copier?)
+        return _Snapshot(("error", str(exc)), False)
+
+
+def _folder_snapshot(path: Path) -> _Snapshot | None:
+    entries: list[tuple[str, int, int]] = []
+    complete = True
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                complete = False  # changing under us
+                continue
+            entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+            if name in files and _is_temp_name(name):
+                complete = False
+    if not os.path.isdir(path):
+        return None
+    entries.sort()
+    return _Snapshot(("dir", *entries), complete)
+
+
+def _list_candidates(folder: Path) -> list[str]:
+    try:
+        return sorted(name for name in os.listdir(folder) if is_candidate_name(name))
+    except FileNotFoundError:
+        return []
+
+
+class PackageWatcher:
+    """Watches ``inbox`` and ``staging``; feeds complete packages to ``pipeline.process``."""
+
+    def __init__(
+        self,
+        pipeline: _Processor,
+        inbox: Path,
+        staging: Path,
+        settle_seconds: float,
+        *,
+        incomplete_timeout: float = 120.0,
+        rescan_seconds: float = 15.0,
+        force_polling: bool | None = None,
+    ) -> None:
+        """``incomplete_timeout``: how long a stable but incomplete zip (a copy that stopped
+        half-way) is waited for before the pipeline gets it anyway and quarantines it.
+        ``rescan_seconds``: the safety-net rescan when no notification arrived meanwhile.
+        ``force_polling``: None lets watchfiles decide (``WATCHFILES_FORCE_POLLING``)."""
+        self.pipeline = pipeline
+        self.roots = {inbox: "inbox", staging: "staging"}
+        self.settle_seconds = settle_seconds
+        self.incomplete_timeout = incomplete_timeout
+        self.rescan_seconds = rescan_seconds
+        self.force_polling = force_polling
+        self._timers: dict[Path, asyncio.Task[None]] = {}
+        self._ready: asyncio.Queue[tuple[Path, str, _Snapshot]] = asyncio.Queue()
+        # Candidates handed over but still there, as they were: not handed over again unchanged.
+        self._done: dict[Path, _Snapshot] = {}
+
+    async def run(self) -> None:
+        """Watch until cancelled. Packages already in the folders are picked up first."""
+        for root in self.roots:
+            await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+        log.info("watcher_started", folders=[str(r) for r in self.roots], settle_s=self.settle_seconds)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._consume(), name="watcher-process")
+                tg.create_task(self._watch(), name="watcher-notify")
+        finally:
+            for timer in self._timers.values():
+                timer.cancel()
+            if self._timers:
+                await asyncio.gather(*self._timers.values(), return_exceptions=True)
+            self._timers.clear()
+
+    # -- noticing ------------------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        await self._rescan()
+        async for changes in watchfiles.awatch(
+            *self.roots,
+            watch_filter=None,
+            debounce=400,
+            step=50,
+            rust_timeout=int(self.rescan_seconds * 1000),
+            yield_on_timeout=True,
+            force_polling=self.force_polling,
+            poll_delay_ms=250,
+        ):
+            if not changes:  # quiet for rescan_seconds
+                await self._rescan()
+                continue
+            for _change, raw in changes:
+                self._notice(Path(raw))
+
+    async def _rescan(self) -> None:
+        for root, source in self.roots.items():
+            for name in await asyncio.to_thread(_list_candidates, root):
+                path = root / name
+                if path not in self._timers:
+                    self._schedule(path, source)
+
+    def _notice(self, changed: Path) -> None:
+        """A change somewhere under a watched folder: restart the timer of the candidate it touches."""
+        for root, source in self.roots.items():
+            try:
+                rel = changed.relative_to(root)
+            except ValueError:
+                continue
+            if not rel.parts:
+                return  # the folder itself
+            top = rel.parts[0]
+            if len(rel.parts) == 1 and (owner := sidecar_owner(top)) is not None:
+                top = owner
+            if is_candidate_name(top):
+                self._schedule(root / top, source)
+            return
+
+    def _schedule(self, path: Path, source: str) -> None:
+        old = self._timers.pop(path, None)
+        if old is not None:
+            old.cancel()
+        task = asyncio.create_task(self._settle(path, source), name=f"settle:{path.name}")
+        self._timers[path] = task
+        task.add_done_callback(lambda t: self._timers.pop(path, None) if self._timers.get(path) is t else None)
+
+    async def _settle(self, path: Path, source: str) -> None:
+        """Wait until ``path`` has been quiet for a settle period and is complete; then queue it."""
+        before = await asyncio.to_thread(_snapshot, path)
+        if before is None:
+            self._done.pop(path, None)
+            return
+        if self._done.get(path) == before:
+            return
+        incomplete_since: float | None = None
+        while True:
+            await asyncio.sleep(self.settle_seconds)
+            now = await asyncio.to_thread(_snapshot, path)
+            if now is None:
+                return
+            if now != before:
+                before = now
+                continue
+            if not now.complete:
+                if incomplete_since is None:
+                    incomplete_since = time.monotonic()
+                    log.info("package_incomplete_waiting", package=path.name, source=source)
+                if time.monotonic() - incomplete_since < self.incomplete_timeout:
+                    continue
+                log.warning("package_incomplete_giving_up", package=path.name, source=source,
+                            waited_s=round(time.monotonic() - incomplete_since, 1))
+            self._ready.put_nowait((path, source, now))
+            return
+
+    # -- handing over ------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        while True:
+            path, source, settled = await self._ready.get()
+            now = await asyncio.to_thread(_snapshot, path)
+            if now is None or self._done.get(path) == now:
+                continue
+            if now != settled:  # changed while queued (a late sidecar, a second copy)
+                self._schedule(path, source)
+                continue
+            log.info("package_complete", package=path.name, source=source)
+            try:
+                await self.pipeline.process(path, source=source)
+            except Exception:
+                log.exception("package_processing_crashed", package=path.name, source=source)
+            left = await asyncio.to_thread(_snapshot, path)
+            if left is not None:
+                self._done[path] = left

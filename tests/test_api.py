@@ -1,0 +1,201 @@
+"""The HTTP API against the real app, the real bundled BlazeFace model and a real photo."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiohttp import FormData, web
+from aiohttp.test_utils import TestClient
+from PIL import Image
+from skimage import data as skdata
+
+from supervisor.app import build_app
+from supervisor.keys import ENGINE
+from supervisor.openapi import openapi_document
+from supervisor.settings import load_settings
+
+
+def jpeg(array: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+ASTRONAUT = jpeg(skdata.astronaut())
+
+
+@pytest.fixture
+async def client(aiohttp_client, tmp_path: Path) -> TestClient:
+    settings = load_settings({"data_dir": tmp_path, "max_body_bytes": 3_000_000, "twin": "off"}, env={})
+    return await aiohttp_client(build_app(settings, services=False))
+
+
+async def detect(client: TestClient, body: bytes, ctype: str = "image/jpeg", query: str = "") -> tuple[int, dict]:
+    resp = await client.post(f"/detect{query}", data=body, headers={"Content-Type": ctype})
+    return resp.status, await resp.json()
+
+
+async def test_detect_finds_the_one_face_on_a_real_photo(client: TestClient) -> None:
+    status, body = await detect(client, ASTRONAUT)
+    assert status == 200, body
+    assert body["model"] == {"name": "blazeface-short-range", "version": "1"}
+    assert body["image"] == {"width": 512, "height": 512}
+    [face] = body["detections"]
+    assert face["label"] == "face" and face["class_id"] == 0
+    assert face["score"] > 0.8
+    box = face["box"]
+    # The astronaut's face spans about x 180..265, y 70..170 in the 512x512 photo.
+    assert 150 < box["xmin"] < 200 and 245 < box["xmax"] < 295
+    assert 40 < box["ymin"] < 100 and 145 < box["ymax"] < 200
+    assert box["xmin"] == pytest.approx(face["box_normalized"]["xmin"] * 512, abs=0.2)
+    assert set(body["timing_ms"]) >= {"decode", "inference"}
+
+
+async def test_png_multipart_and_octet_stream_give_the_same_face(client: TestClient) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(skdata.astronaut()).save(buf, "PNG")
+    _, as_png = await detect(client, buf.getvalue(), "image/png")
+    _, as_octets = await detect(client, buf.getvalue(), "application/octet-stream")
+    form = FormData()
+    form.add_field("image", buf.getvalue(), filename="a.png", content_type="image/png")
+    resp = await client.post("/detect", data=form)
+    as_form = await resp.json()
+    assert resp.status == 200
+    assert as_png["detections"] == as_octets["detections"] == as_form["detections"]
+    assert len(as_png["detections"]) == 1
+
+
+async def test_query_filters(client: TestClient) -> None:
+    _, none_above = await detect(client, ASTRONAUT, query="?threshold=0.9999")
+    assert none_above["detections"] == []
+    _, other_label = await detect(client, ASTRONAUT, query="?labels=person,car")
+    assert other_label["detections"] == []
+    _, face_only = await detect(client, ASTRONAUT, query="?labels=face&max=1&threshold=0.1")
+    assert len(face_only["detections"]) == 1
+
+
+async def test_score_speaks_the_video_analytics_extension_format(client: TestClient) -> None:
+    resp = await client.post("/score", data=ASTRONAUT, headers={"Content-Type": "image/jpeg"})
+    body = await resp.json()
+    [inference] = body["inferences"]
+    assert inference["type"] == "entity"
+    assert inference["entity"]["tag"]["value"] == "face"
+    assert inference["entity"]["tag"]["confidence"] > 0.8
+    box = inference["entity"]["box"]
+    assert 0.3 < box["l"] < 0.4 and 0.1 < box["t"] < 0.2 and 0.1 < box["w"] < 0.25
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims a huge size: a decompression bomb must be refused unread."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "code"),
+    [
+        (b"", "image/jpeg", 400, "bad_request"),
+        (b"this is not an image at all", "image/jpeg", 400, "bad_request"),
+        (ASTRONAUT[: len(ASTRONAUT) // 2], "image/jpeg", 400, "bad_request"),
+        (ASTRONAUT[:200], "image/jpeg", 400, "bad_request"),
+        (huge_png_header(100_000, 100_000), "image/png", 413, "payload_too_large"),
+        (b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "image/gif", 415, "unsupported_media_type"),
+        (ASTRONAUT, "text/plain", 415, "unsupported_media_type"),
+        (b"\0" * 3_100_000, "image/jpeg", 413, "payload_too_large"),
+    ],
+    ids=["empty", "garbage", "truncated-half", "truncated-header", "bomb", "gif", "text", "over-limit"],
+)
+async def test_bad_input_gets_a_json_4xx_and_the_service_keeps_serving(
+    client: TestClient, body: bytes, ctype: str, status: int, code: str
+) -> None:
+    got_status, got = await detect(client, body, ctype)
+    assert got_status == status, got
+    assert got["error"]["code"] == code
+    assert got["error"]["message"]
+    ok_status, ok = await detect(client, ASTRONAUT)
+    assert ok_status == 200 and len(ok["detections"]) == 1
+
+
+@pytest.mark.parametrize("query", ["?threshold=abc", "?threshold=1.5", "?max=0", "?max=two"])
+async def test_bad_query_values_are_400(client: TestClient, query: str) -> None:
+    status, body = await detect(client, ASTRONAUT, query=query)
+    assert status == 400 and body["error"]["code"] == "bad_request"
+
+
+async def test_gif_sent_as_octet_stream_is_415(client: TestClient) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "GIF")
+    status, body = await detect(client, buf.getvalue(), "application/octet-stream")
+    assert status == 415, body
+
+
+async def test_health_readiness_and_open_inference_routes(client: TestClient) -> None:
+    for path in ("/healthz", "/v2/health/live", "/readyz", "/v2/health/ready", "/v2/models/blazeface-short-range/ready"):
+        resp = await client.get(path)
+        assert resp.status == 200, path
+    meta = await (await client.get("/v2/models/blazeface-short-range")).json()
+    assert meta["inputs"][0]["shape"] == [1, 128, 128, 3]
+    assert {o["name"] for o in meta["outputs"]} == {"regressors", "classificators"}
+    missing = await client.get("/v2/models/nope")
+    assert missing.status == 404 and (await missing.json())["error"]["code"] == "not_found"
+
+
+async def test_no_model_means_503(client: TestClient) -> None:
+    app: web.Application = client.app  # type: ignore[assignment]
+    app[ENGINE]._active = None
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    status, body = await detect(client, ASTRONAUT)
+    assert status == 503 and body["error"]["code"] == "no_model"
+
+
+async def test_models_lists_the_active_version_with_handler_and_hash(client: TestClient) -> None:
+    body = await (await client.get("/models")).json()
+    assert body["active"]["name"] == "blazeface-short-range"
+    assert body["active"]["handler"] == "blazeface"
+    assert len(body["active"]["sha256"]) == 64
+    [version] = body["versions"]
+    assert version["state"] == "active" and version["sha256"] == body["active"]["sha256"]
+
+
+async def test_unknown_route_and_method_are_json(client: TestClient) -> None:
+    resp = await client.get("/nope")
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+    resp = await client.get("/detect")
+    assert resp.status == 405 and (await resp.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_request_id_is_echoed(client: TestClient) -> None:
+    resp = await client.get("/healthz", headers={"X-Request-ID": "abc123"})
+    assert resp.headers["X-Request-ID"] == "abc123"
+
+
+def test_openapi_lists_exactly_the_routes(tmp_path: Path) -> None:
+    app = build_app(load_settings({"data_dir": tmp_path}, env={}), services=False)
+    served = set()
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("path") or info.get("formatter")
+        if route.method != "HEAD":
+            served.add((route.method.lower(), path))
+    documented = {(m, p) for p, ops in openapi_document()["paths"].items() for m in ops}
+    assert served == documented
+
+
+def test_settings_precedence(tmp_path: Path) -> None:
+    conf = tmp_path / "s.toml"
+    conf.write_text('port = 7000\nworkers = 3\n')
+    s = load_settings({"port": 9000}, env={"EDGELOADER_PORT": "8000", "EDGELOADER_WORKERS": "2"}, config_file=conf)
+    assert s.port == 9000 and s.workers == 2
+    assert load_settings(env={}, config_file=conf).workers == 3
+    with pytest.raises(ValueError, match="unknown setting"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text("nope = 1\n")
+        load_settings(env={}, config_file=bad)
