@@ -41,7 +41,7 @@ __all__ = ["build_all", "build_images", "build_ssd_mobilenet", "build_tiny_yolov
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / ".cache"
 
-COCO80 = (
+_COCO80_NAMES = (
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
     "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag "
     "tie suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard "
@@ -49,7 +49,8 @@ COCO80 = (
     "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote "
     "keyboard cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear "
     "hair_drier toothbrush"
-).split()
+)
+COCO80 = _COCO80_NAMES.split(" ")
 # The TF detection zoo's 90-id COCO label map: ids with no class are "???".
 _COCO90_GAPS = {11, 25, 28, 29, 44, 65, 67, 68, 70, 82}
 
@@ -76,7 +77,7 @@ def build_images(out: Path) -> dict[str, Path]:
     big = src.resize((4000, 4000), Image.Resampling.BICUBIC).crop((0, 0, 4000, 3000))
     rng = np.random.default_rng(12)
     pixels = np.asarray(big, dtype=np.int16)
-    pixels = pixels + rng.normal(0.0, 4.0, pixels.shape).astype(np.int16)
+    pixels = pixels + rng.normal(0.0, 8.0, pixels.shape).astype(np.int16)
     big = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     big.save(paths["large"], quality=90)
     return paths
@@ -118,7 +119,7 @@ def package(folder: Path, model_file: Path, labels: list[str], name: str, versio
 _TINY_ANCHORS = ((10, 14), (23, 27), (37, 58), (81, 82), (135, 169), (344, 319))
 
 
-def _tiny_yolov3_module(image_size: int = 416, classes: int = 80):  # noqa: ANN202  (torch is optional)
+def _tiny_yolov3_module(image_size: int = 416, classes: int = 80):
     import torch
     from torch import nn
 
@@ -182,7 +183,7 @@ def _tiny_yolov3_module(image_size: int = 416, classes: int = 80):  # noqa: ANN2
     return TinyYoloV3()
 
 
-def _init_weights(module, seed: int) -> None:  # noqa: ANN001
+def _init_weights(module, seed: int) -> None:
     import torch
     from torch import nn
 
@@ -198,14 +199,15 @@ def _init_weights(module, seed: int) -> None:  # noqa: ANN001
             m.running_var.uniform_(0.8, 1.2)
             m.weight.data.uniform_(0.8, 1.2)
             m.bias.data.uniform_(-0.1, 0.1)
-    # Predictors: small weights, like a trained head's; the bias is calibrated afterwards.
+    # Predictors: logits spread like a trained head's (std ~2); the bias is calibrated afterwards.
     for head in (module.head1[1], module.head2[1]):
-        nn.init.normal_(head.weight, 0.0, 0.01)
+        nn.init.normal_(head.weight, 0.0, 2.0 / np.sqrt(head.in_channels * 4.0))
         nn.init.zeros_(head.bias)
 
 
-def _calibrate_yolo(module, photo: Path, classes: int, wanted: int = 8) -> float:  # noqa: ANN001
-    """Shift objectness and class biases so that about ``wanted`` (box, class) scores pass 0.5."""
+def _calibrate_yolo(module, photo: Path, classes: int, wanted: int = 6, cut: float = 0.5) -> float:
+    """Shift objectness and class biases so that about ``wanted`` (box, class) scores pass the
+    score threshold ``cut`` before NMS."""
     import torch
 
     x, shape = letterbox_tensor(photo)
@@ -221,7 +223,7 @@ def _calibrate_yolo(module, photo: Path, classes: int, wanted: int = 8) -> float
                     shift[a * stride + 4 : (a + 1) * stride] = mid
                 head[1].bias.copy_(b + shift)
             _, scores = module(torch.from_numpy(x), torch.from_numpy(shape))
-            count = int((scores > 0.5).sum())
+            count = int((scores > cut).sum())
             if count > wanted:
                 hi = mid
             else:
@@ -259,7 +261,7 @@ def build_tiny_yolov3(out: Path, photo: Path, seed: int = 3) -> Path:
     g.initializer.extend([
         helper.make_tensor("nms_max_per_class", TensorProto.INT64, [1], [20]),
         helper.make_tensor("nms_iou", TensorProto.FLOAT, [1], [0.5]),
-        helper.make_tensor("nms_score", TensorProto.FLOAT, [1], [0.3]),
+        helper.make_tensor("nms_score", TensorProto.FLOAT, [1], [0.4]),
         helper.make_tensor("nms_unsqueeze_axes", TensorProto.INT64, [1], [0]),
     ])
     g.node.extend([
@@ -326,7 +328,7 @@ class _TfliteWriter:
             self._opcode_index[key] = len(self.opcodes) - 1
         return self._opcode_index[key]
 
-    def op(self, builtin: int, inputs: list[int], outputs: list[int], options_type: int = 0, options=None,  # noqa: ANN001
+    def op(self, builtin: int, inputs: list[int], outputs: list[int], options_type: int = 0, options=None,
            custom: str | None = None, custom_options: bytes | None = None) -> None:
         o = self.fb.OperatorT()
         o.opcodeIndex = self.opcode(builtin, custom)
@@ -340,7 +342,8 @@ class _TfliteWriter:
 
     # layers ---------------------------------------------------------------------------------------
 
-    def conv(self, x: int, shape: list[int], cout: int, k: int, stride: int, relu6: bool, name: str) -> tuple[int, list[int]]:
+    def conv(self, x: int, shape: list[int], cout: int, k: int, stride: int, relu6: bool,
+             name: str) -> tuple[int, list[int]]:
         fb = self.fb
         n, h, w, cin = shape
         std = np.sqrt(2.0 / (k * k * cin))
@@ -397,7 +400,7 @@ class _TfliteWriter:
         self.op(fb.BuiltinOperator.CONCATENATION, xs, [y], fb.BuiltinOptions.ConcatenationOptions, opt)
         return y
 
-    def model(self, inputs: list[int], outputs: list[int], description: str):  # noqa: ANN201
+    def model(self, inputs: list[int], outputs: list[int], description: str):
         fb = self.fb
         sg = fb.SubGraphT()
         sg.tensors, sg.operators, sg.inputs, sg.outputs, sg.name = self.tensors, self.ops, inputs, outputs, "main"
@@ -501,36 +504,56 @@ def build_ssd_mobilenet(out: Path, photo: Path, seed: int = 5) -> Path:
     # Calibrate the class-logit bias so that a few detections pass 0.5 on the photo.
     model = w.model([inp], outs, f"bench: SSD300 MobileNetV2 architecture, random weights (seed {seed}), "
                                  f"{w.params} parameters")
-    bias_buffers = [w.tensors[op.inputs[2]].buffer for op in w.ops
-                    if op.opcodeIndex == w.opcode(fb.BuiltinOperator.CONV_2D) and
-                    w.tensors[op.outputs[0]].name.endswith("ClassPredictor")]
-    _calibrate_ssd(model, bias_buffers, photo, path, flatbuffer_utils)
+    conv = w.opcode(fb.BuiltinOperator.CONV_2D)
+    predictors = {
+        kind: [(w.tensors[op.inputs[1]].buffer, w.tensors[op.inputs[2]].buffer) for op in w.ops
+               if op.opcodeIndex == conv and w.tensors[op.outputs[0]].name.endswith(kind)]
+        for kind in ("ClassPredictor", "BoxEncodingPredictor")
+    }
+    _calibrate_ssd(model, predictors, classes, photo, path, flatbuffer_utils)
     return path
 
 
-def _calibrate_ssd(model, bias_buffers: list[int], photo: Path, path: Path, flatbuffer_utils) -> None:  # noqa: ANN001
+def _calibrate_ssd(model, predictors: dict[str, list[tuple[int, int]]], classes: int, photo: Path,
+                   path: Path, flatbuffer_utils) -> None:
+    """Scale the predictors so logits spread like a trained model's (std ~2 for classes, ~1 for
+    box encodings), then shift the class bias until a few detections pass 0.5 on the photo."""
     from ai_edge_litert.interpreter import Interpreter
     from PIL import Image
 
     img = Image.open(photo).convert("RGB").resize((300, 300), Image.Resampling.BILINEAR)
     x = (np.asarray(img, dtype=np.float32)[None] / 127.5 - 1.0).astype(np.float32)
-    originals = {b: model.buffers[b].data.view(np.float32).copy() for b in bias_buffers}
-    lo, hi = -8.0, 8.0
-    best = None
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        for b, orig in originals.items():
-            shifted = orig.copy()
-            shifted[1:] += mid  # class 0 of the predictor is the background
-            model.buffers[b].data = shifted.view(np.uint8)
+
+    def run(preserve: bool = False) -> tuple[bytes, dict[str, np.ndarray]]:
         content = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-        interp = Interpreter(model_content=content, num_threads=2)
+        interp = Interpreter(model_content=content, num_threads=2, experimental_preserve_all_tensors=preserve)
         interp.allocate_tensors()
         interp.set_tensor(interp.get_input_details()[0]["index"], x)
         interp.invoke()
-        out = {d["name"]: interp.get_tensor(d["index"]) for d in interp.get_output_details()}
+        names = ("concat", "concat_1", "TFLite_Detection_PostProcess:2")
+        found = {d["name"]: d["index"] for d in interp.get_tensor_details() if d["name"] in names}
+        return content, {n: interp.get_tensor(i) for n, i in found.items() if preserve or n == names[2]}
+
+    def buf(b: int) -> np.ndarray:
+        return model.buffers[b].data.view(np.float32)
+
+    _, out = run(preserve=True)
+    for kind, tensor, target in (("ClassPredictor", "concat_1", 2.0), ("BoxEncodingPredictor", "concat", 1.0)):
+        k = np.float32(target / max(float(out[tensor].std()), 1e-6))
+        for wb, bb in predictors[kind]:
+            model.buffers[wb].data = (buf(wb) * k).view(np.uint8)
+            model.buffers[bb].data = (buf(bb) * k).view(np.uint8)
+    originals = {bb: buf(bb).copy() for _, bb in predictors["ClassPredictor"]}
+    lo, hi = -8.0, 8.0
+    content = b""
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        for bb, orig in originals.items():
+            shifted = orig.copy()
+            shifted[np.arange(shifted.size) % (classes + 1) != 0] += mid  # column 0: background
+            model.buffers[bb].data = shifted.view(np.uint8)
+        content, out = run()
         passed = int((out["TFLite_Detection_PostProcess:2"] > 0.5).sum())
-        best = content
         if passed > 4:
             hi = mid
         elif passed < 3:
@@ -538,7 +561,7 @@ def _calibrate_ssd(model, bias_buffers: list[int], photo: Path, path: Path, flat
         else:
             break
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(best)
+    tmp.write_bytes(content)
     tmp.replace(path)
 
 
@@ -561,7 +584,8 @@ def build_all(out: Path = DEFAULT_OUT) -> dict[str, Path]:
         made[f"ssd-mobilenet-{version}"] = package(pkgs / f"ssd-mobilenet-v{version}", ssd, coco90(),
                                                    "ssd-mobilenet", version, "tflite_ssd", activate=version == "1")
         made[f"blazeface-{version}"] = package(
-            pkgs / f"blazeface-v{version}", bundled / "face_detection_short_range.tflite", ["face"],
+            pkgs / f"blazeface-v{version}", bundled / "face_detection_short_range.tflite",
+            (bundled / "labels.txt").read_text().split(),
             "blazeface-bench", version, "blazeface", activate=version == "1")
     (out / "stamp.json").write_text(json.dumps({"built_s": round(time.perf_counter() - t0, 1)}) + "\n")
     return {**images, "tiny_yolov3": yolo, "ssd_mobilenet": ssd, **made}

@@ -30,14 +30,14 @@ from PIL import Image
 
 from handlers.base import Detection, Handler, Prepared, Signature, TensorSpec, register
 from handlers.boxes import to_detections, weighted_nms
-from handlers.imaging import Letterbox, image_to_tensor, value_lut
+from handlers.imaging import Letterbox, PixelScale, image_to_tensor
 
 __all__ = ["BlazeFace", "ssd_anchor_centers"]
 
 _NUM_COORDS = 16
 _SCORE_CLIP = 100.0
 _SUPPRESSION_IOU = 0.3
-_LUT = value_lut(-1.0, 1.0)
+_SCALE = PixelScale.to_range(-1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class BlazeFace(Handler):
         return float(self.options.get("min_score", self._variant.min_score_thresh))
 
     def preprocess(self, image: Image.Image) -> Prepared:
-        tensor, geo = image_to_tensor(image, self.input_size, lut=_LUT, keep_aspect=True, fill=0)
+        tensor, geo = image_to_tensor(image, self.input_size, scale=_SCALE, keep_aspect=True, fill=0)
         return Prepared({self._input: tensor}, image.size, {"letterbox": geo})
 
     def postprocess(self, outputs: Mapping[str, np.ndarray], prepared: Prepared) -> list[Detection]:

@@ -2,8 +2,8 @@
 
 Everything here runs on the request hot path: decoding reads the header first (size and format
 checks cost nothing), JPEGs are decoded at reduced scale when the model wants a small input
-(Pillow draft mode: the DCT does the downscaling), and tensors are written in one vectorised
-pass through a 256-entry lookup table instead of astype/multiply/add passes.
+(Pillow draft mode: the DCT does the downscaling), and tensors are written in place, in one
+vectorised multiply(-add) from the resized pixels, with no intermediate arrays.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ __all__ = [
     "ImageDecodeError",
     "ImageTooLarge",
     "Letterbox",
+    "PixelScale",
     "UnsupportedImageType",
     "decode_image",
     "fit_size",
     "image_to_tensor",
     "letterbox_geometry",
-    "value_lut",
 ]
 
 # Magic numbers of the formats we decode, and of common image formats we refuse by name.
@@ -86,7 +86,7 @@ def decode_image(
         raise ImageDecodeError("empty image")
     fmt = _sniff(data)
     try:
-        img = Image.open(io.BytesIO(data), formats=(fmt,))
+        img: Image.Image = Image.open(io.BytesIO(data), formats=(fmt,))
         width, height = img.size
         if width * height > max_pixels:
             raise ImageTooLarge(f"image is {width}x{height}, more than {max_pixels} pixels")
@@ -147,26 +147,44 @@ def letterbox_geometry(image_size: tuple[int, int], input_size: tuple[int, int])
     return Letterbox(input_size, (cw, ch), ((iw - cw) // 2, (ih - ch) // 2))
 
 
-def value_lut(low: float, high: float, dtype: str = "float32") -> np.ndarray:
-    """Lookup table mapping pixel values 0..255 linearly onto [low, high]."""
-    return np.linspace(low, high, 256, dtype=np.float64).astype(dtype)
+@dataclass(frozen=True)
+class PixelScale:
+    """Tensor value = pixel * ``scale`` + ``offset`` (float32)."""
+
+    scale: float
+    offset: float = 0.0
+
+    @classmethod
+    def to_range(cls, low: float, high: float) -> PixelScale:
+        """Map pixel values 0..255 linearly onto [low, high]."""
+        return cls((high - low) / 255.0, low)
+
+    def apply(self, pixels: np.ndarray, out: np.ndarray) -> None:
+        # Written straight into the (strided) output: about 3x faster than a lookup-table gather
+        # and no temporary array.
+        np.multiply(pixels, np.float32(self.scale), out=out, dtype=np.float32)
+        if self.offset:
+            np.add(out, np.float32(self.offset), out=out)
+
+    def value(self, pixel: int) -> float:
+        return float(np.float32(pixel) * np.float32(self.scale) + np.float32(self.offset))
 
 
 def image_to_tensor(
     image: Image.Image,
     input_size: tuple[int, int],
     *,
-    lut: np.ndarray | None,
+    scale: PixelScale | None,
     layout: Literal["NHWC", "NCHW"] = "NHWC",
     keep_aspect: bool = True,
     fill: int = 0,
 ) -> tuple[np.ndarray, Letterbox]:
     """Resize (bilinear) and pack an RGB image into a batch-of-one tensor.
 
-    ``lut`` maps pixel values to tensor values (its dtype is the tensor's); ``None`` keeps raw
-    uint8 pixels. With ``keep_aspect`` the image is letterboxed (centred, padded with pixel
-    value ``fill``); otherwise stretched to the input size. The returned ``Letterbox`` maps
-    boxes in input pixels back to the image.
+    ``scale`` maps pixels to float32 tensor values; ``None`` keeps raw uint8 pixels. With
+    ``keep_aspect`` the image is letterboxed (centred, padded with pixel value ``fill``);
+    otherwise stretched to the input size. The returned ``Letterbox`` maps boxes in input
+    pixels back to the image.
     """
     iw, ih = input_size
     geo = (
@@ -177,21 +195,18 @@ def image_to_tensor(
     (cw, ch), (left, top) = geo.content_size, geo.offset
     resized = image if image.size == (cw, ch) else image.resize((cw, ch), Image.Resampling.BILINEAR)
     pixels = np.asarray(resized)  # (ch, cw, 3) uint8, read-only view of Pillow's buffer
-    dtype = np.uint8 if lut is None else lut.dtype
     shape = (1, ih, iw, 3) if layout == "NHWC" else (1, 3, ih, iw)
-    padded = (cw, ch) != (iw, ih)
-    out = np.empty(shape, dtype=dtype)
-    if padded:
-        out.fill(fill if lut is None else lut[fill])
+    out = np.empty(shape, dtype=np.uint8 if scale is None else np.float32)
+    if (cw, ch) != (iw, ih):
+        out.fill(fill if scale is None else scale.value(fill))
     if layout == "NHWC":
         region = out[0, top : top + ch, left : left + cw, :]
         src = pixels
     else:
         region = out[0, :, top : top + ch, left : left + cw]
         src = pixels.transpose(2, 0, 1)
-    if lut is None:
+    if scale is None:
         region[...] = src
     else:
-        # One gather pass straight into the output (mode="clip" lets take() write unbuffered).
-        np.take(lut, src, out=region, mode="clip")
+        scale.apply(src, region)
     return out, geo

@@ -18,12 +18,12 @@ from PIL import Image
 
 from handlers.base import Detection, Handler, Prepared, Signature, TensorSpec, register
 from handlers.boxes import to_detections, yxyx_to_xyxy
-from handlers.imaging import image_to_tensor, value_lut
+from handlers.imaging import PixelScale, image_to_tensor
 
 __all__ = ["OnnxYoloV3"]
 
 _INT = ("int32", "int64")
-_LUT = value_lut(0.0, 1.0)
+_SCALE = PixelScale.to_range(0.0, 1.0)
 # The zoo's letterbox_image pads with gray (128, 128, 128).
 _FILL = 128
 
@@ -80,7 +80,7 @@ class OnnxYoloV3(Handler):
         return self._classes
 
     def preprocess(self, image: Image.Image) -> Prepared:
-        tensor, _ = image_to_tensor(image, self._size, lut=_LUT, layout="NCHW", fill=_FILL)
+        tensor, _ = image_to_tensor(image, self._size, scale=_SCALE, layout="NCHW", fill=_FILL)
         w, h = image.size
         shape = np.array([[h, w]], dtype=np.float32)
         return Prepared({self._image: tensor, self._shape: shape}, image.size)

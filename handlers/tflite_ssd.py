@@ -17,7 +17,7 @@ from PIL import Image
 
 from handlers.base import Detection, Handler, Prepared, Signature, TensorSpec, register
 from handlers.boxes import to_detections, yxyx_to_xyxy
-from handlers.imaging import image_to_tensor, value_lut
+from handlers.imaging import PixelScale, image_to_tensor
 
 __all__ = ["PostProcessedSsd", "TfliteSsd"]
 
@@ -58,7 +58,8 @@ class PostProcessedSsd(Handler):
         self._size: tuple[int, int] = (
             (int(forced[0]), int(forced[1])) if forced else (w, h) if w and h else self.default_size
         )
-        self._lut = self._input_lut(spec)
+        self._scale = self._input_scale(spec)
+        self._int8 = spec.dtype == "int8"
         by_rank: dict[int, list[str]] = {}
         for o in signature.outputs:
             by_rank.setdefault(o.rank, []).append(o.name)
@@ -75,7 +76,7 @@ class PostProcessedSsd(Handler):
         elif "score" in first.lower() and "class" in second.lower():
             self._named = (second, first)
 
-    def _input_lut(self, spec: TensorSpec) -> np.ndarray | None:
+    def _input_scale(self, spec: TensorSpec) -> PixelScale | None:
         return None  # raw uint8 pixels
 
     @property
@@ -83,7 +84,11 @@ class PostProcessedSsd(Handler):
         return self._size
 
     def preprocess(self, image: Image.Image) -> Prepared:
-        tensor, _ = image_to_tensor(image, self._size, lut=self._lut, keep_aspect=False)
+        tensor, _ = image_to_tensor(image, self._size, scale=self._scale, keep_aspect=False)
+        if self._int8:
+            # int8 models take raw pixels shifted by the zero point: p ^ 0x80 read as int8 is p - 128.
+            np.bitwise_xor(tensor, 0x80, out=tensor)
+            tensor = tensor.view(np.int8)
         return Prepared({self._input: tensor}, image.size)
 
     def _classes_and_scores(self, outputs: Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,12 +140,11 @@ class TfliteSsd(PostProcessedSsd):
             and ssd_outputs_fit(signature.outputs)
         )
 
-    def _input_lut(self, spec: TensorSpec) -> np.ndarray | None:
-        if spec.dtype == "uint8":
-            # Quantized models take raw pixels: their input scale/zero point are calibrated so
-            # that 0..255 lands on the range the float model was trained on.
+    def _input_scale(self, spec: TensorSpec) -> PixelScale | None:
+        if spec.dtype != "float32":
+            # Quantized inputs take raw pixels (int8: shifted by 128): the converter calibrates
+            # the input scale/zero point so that 0..255 lands on the range the float model was
+            # trained on, whatever that range was. Normalising here would apply it twice.
             return None
-        if spec.dtype == "int8":
-            return np.arange(-128, 128, dtype=np.int8)  # raw pixels shifted by the int8 zero point
         low, high = self.options.get("input_range", (-1.0, 1.0))
-        return value_lut(float(low), float(high))
+        return PixelScale.to_range(float(low), float(high))

@@ -19,11 +19,11 @@ from PIL import Image
 
 from handlers.base import Detection, Handler, Prepared, Signature, register
 from handlers.boxes import cxcywh_to_xyxy, nms_per_class, to_detections
-from handlers.imaging import Letterbox, image_to_tensor, value_lut
+from handlers.imaging import Letterbox, PixelScale, image_to_tensor
 
 __all__ = ["Yolo"]
 
-_LUT = value_lut(0.0, 1.0)
+_SCALE = PixelScale.to_range(0.0, 1.0)
 _FILL = 114
 # Boxes kept for NMS at most (ultralytics uses 30000; past a few thousand it is all noise).
 _MAX_CANDIDATES = 4096
@@ -85,13 +85,14 @@ class Yolo(Handler):
         return self._classes
 
     def preprocess(self, image: Image.Image) -> Prepared:
-        tensor, geo = image_to_tensor(image, self._size, lut=_LUT, layout="NCHW", fill=_FILL)
+        tensor, geo = image_to_tensor(image, self._size, scale=_SCALE, layout="NCHW", fill=_FILL)
         return Prepared({self._input: tensor}, image.size, {"letterbox": geo})
 
     def postprocess(self, outputs: Mapping[str, np.ndarray], prepared: Prepared) -> list[Detection]:
         raw = np.asarray(outputs[self._output], dtype=np.float32)
-        raw = raw.reshape(raw.shape[-2:])
-        v8 = self._v8 if self._v8 is not None else raw.shape[0] < raw.shape[1]
+        d1, d2 = raw.shape[-2:]
+        raw = raw.reshape(d1, d2)
+        v8 = self._v8 if self._v8 is not None else d1 < d2
         if v8:
             # Filter on the [C, N] view before transposing: only survivors get copied.
             class_scores = raw[4:]

@@ -27,7 +27,7 @@ def _serve(argv: list[str]) -> int:
 
     from aiohttp import web
 
-    from supervisor.app import ImportFailed, build_app
+    from supervisor.app import StartupError, build_app
     from supervisor.logs import configure_logging
     from supervisor.settings import load_settings
 
@@ -44,9 +44,10 @@ def _serve(argv: list[str]) -> int:
     try:
         # run_app turns SIGTERM/SIGINT into a graceful stop: listeners close, in-flight requests
         # get shutdown_timeout seconds, then cleanup_ctx leaves the services in reverse order.
+        # 8 s leaves room for that cleanup inside Docker's default 10 s before SIGKILL.
         web.run_app(app, host=settings.host, port=settings.port, access_log=None,
-                    shutdown_timeout=10.0, print=None)
-    except ImportFailed as exc:
+                    shutdown_timeout=8.0, print=None)
+    except StartupError as exc:
         print(f"edgeloader: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -7,6 +7,7 @@ watcher. Each background service runs under ``supervised`` (restart with backoff
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -24,12 +25,16 @@ from supervisor.repository import Repository
 from supervisor.settings import Settings
 from supervisor.supervise import supervised
 
-__all__ = ["ImportFailed", "build_app"]
+__all__ = ["ImportFailed", "StartupError", "build_app"]
 
 log = structlog.get_logger(__name__)
 
 
-class ImportFailed(RuntimeError):
+class StartupError(RuntimeError):
+    """The service cannot start; the message tells the operator what to fix."""
+
+
+class ImportFailed(StartupError):
     """The model given with --model was rejected."""
 
 
@@ -42,7 +47,13 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         default_threshold=settings.score_threshold,
     )
     repo = Repository(settings.data_dir)
-    repo.ensure_layout()
+    try:
+        repo.ensure_layout()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot write the data dir {settings.data_dir.resolve()} as uid {os.getuid()}: {exc.strerror}. "
+            "Make it writable by this user (on IoT Edge: see docs/deployment.md, 'Preparing the device')."
+        ) from exc
     pipeline = Pipeline(settings, repo, engine, app[EVENTS])
     app[ENGINE], app[REPOSITORY], app[PIPELINE] = engine, repo, pipeline
     await pipeline.start()

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import structlog
-from handlers.imaging import decode_image
 from PIL import Image
 
 from handlers.base import Detection, Handler, HandlerMismatch, choose_handler
+from handlers.imaging import decode_image
 from handlers.runtimes import ModelLoadError, Runtime, open_runtime
 from supervisor.errors import ModelInvalid, NoModelLoaded
 from supervisor.package import Manifest, PackageError, file_sha256, read_labels, read_manifest

@@ -217,14 +217,19 @@ class Pipeline:
         bundled = self.settings.bundled_model
         manifest = await self._blocking(read_manifest, bundled)
         version = self.repo.get(manifest.name, manifest.version)
-        if version is None:
+        if version is not None:
+            model = await self.engine.load(version.path)
+        else:
             workdir = await self._blocking(self.repo.new_workdir)
-            await self._blocking(unpack_package, bundled, workdir, self.limits)
-            version = await self._blocking(
-                self.repo.install, workdir, manifest.name, manifest.version,
-                {"package": "bundled", "source": "bundled", "package_sha256": None},
-            )
-        model = await self.engine.load(version.path)
+            try:
+                await self._blocking(unpack_package, bundled, workdir, self.limits)
+                model = await self.engine.load(workdir, manifest)
+                record = {"package": "bundled", "source": "bundled", "package_sha256": None, **_model_record(model)}
+                version = await self._blocking(self.repo.install, workdir, manifest.name, manifest.version, record)
+            except BaseException:
+                shutil.rmtree(workdir, ignore_errors=True)
+                raise
+            model.info = dataclasses.replace(model.info, path=version.path)
         await self._make_active(model, version, "startup", "bundled")
 
     # -- packages ---------------------------------------------------------------------------------
@@ -278,11 +283,8 @@ class Pipeline:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         activate = manifest.activate if intent.activate is None else intent.activate
-        record = {
-            "package": name, "package_sha256": sha, "source": source, "activate": activate,
-            "handler": model.info.handler, "model_file": model.info.model_file,
-            "labels_file": model.info.labels_file, "model_sha256": model.info.model_sha256,
-        }
+        record = {"package": name, "package_sha256": sha, "source": source, "activate": activate,
+                  **_model_record(model)}
         try:
             version = await self._blocking(self.repo.install, workdir, manifest.name, manifest.version, record)
         except BaseException:
@@ -367,6 +369,13 @@ class Pipeline:
             log.error("auto_rollback_failed", reason=str(exc))
         finally:
             self._rollback_task = None
+
+
+def _model_record(model: LoadedModel) -> dict[str, Any]:
+    """What the install record keeps about a validated model (shown by /models)."""
+    info = model.info
+    return {"handler": info.handler, "model_file": info.model_file, "labels_file": info.labels_file,
+            "model_sha256": info.model_sha256}
 
 
 def _file_md5(path: Path) -> str:

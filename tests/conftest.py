@@ -1,7 +1,8 @@
 """Shared fixtures. Grouped by subject; add new ones to the group they belong to (or a new group).
 
 - Settings and the update path: ``settings``, ``engine``, ``repo``, ``events``, ``pipeline``
-  (started: serving the bundled BlazeFace), all on a fresh data dir under ``tmp_path``.
+  (started: serving the bundled BlazeFace), all on a fresh data dir under ``tmp_path``;
+  ``start_watcher`` runs a PackageWatcher on its inbox and staging.
 - Waiting and writing from threads: ``wait_until``, ``write_soon``.
 - Images: ``photo`` (a real JPEG with one face).
 """
@@ -24,6 +25,7 @@ from supervisor.events import EventBus
 from supervisor.pipeline import Pipeline
 from supervisor.repository import Repository
 from supervisor.settings import Settings, load_settings
+from supervisor.watcher import PackageWatcher
 
 # -- settings and the update path ------------------------------------------------------------------
 
@@ -67,6 +69,31 @@ async def pipeline(settings: Settings, repo: Repository, engine: Engine, events:
     pipeline = Pipeline(settings, repo, engine, events)
     await pipeline.start()
     return pipeline
+
+
+StartWatcher = Callable[..., Awaitable[PackageWatcher]]
+
+
+@pytest.fixture
+async def start_watcher(settings: Settings, repo: Repository) -> AsyncIterator[StartWatcher]:
+    """``await start_watcher(pipeline, **options)``: a PackageWatcher on the (existing) inbox and
+    staging, running as a task until the test ends (its errors fail the test)."""
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start(pipeline: Any, **options: Any) -> PackageWatcher:
+        options.setdefault("incomplete_timeout", 3.0)
+        watcher = PackageWatcher(pipeline, settings.inbox_dir, settings.staging_dir, settings.settle_seconds,
+                                 **options)
+        tasks.append(asyncio.create_task(watcher.run(), name="test-watcher"))
+        await asyncio.sleep(0.1)  # let the initial scan and the OS watch start
+        return watcher
+
+    yield start
+    for task in tasks:
+        if task.done():
+            task.result()  # raise what killed it
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # -- waiting and writing from threads --------------------------------------------------------------

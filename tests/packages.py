@@ -164,10 +164,11 @@ def package_files(
     labels: str | None,
     *,
     hashes: bool = True,
+    extra_files: dict[str, bytes] | None = None,
     **manifest: Any,
 ) -> dict[str, bytes]:
     """The files of a package (path -> bytes), with a model.json listing each file's SHA-256."""
-    files = {model_file: model}
+    files = {model_file: model, **(extra_files or {})}
     if labels is not None:
         files["labels.txt"] = labels.encode()
     meta: dict[str, Any] = {"name": name, "version": version, "model": model_file, **manifest}
@@ -179,9 +180,10 @@ def package_files(
 
 
 def ssd_files(name: str = "tiny-ssd", version: str = "1", *, fail_on_real_images: bool = False,
-              **manifest: Any) -> dict[str, bytes]:
+              extra_files: dict[str, bytes] | None = None, **manifest: Any) -> dict[str, bytes]:
     model = ssd_onnx(fail_on_real_images)
-    return package_files(name, version, "model.onnx", model, SSD_LABELS, handler="onnx_ssd", **manifest)
+    manifest = {"handler": "onnx_ssd", "score_threshold": 0.1, **manifest}  # scores are ~brightness
+    return package_files(name, version, "model.onnx", model, SSD_LABELS, extra_files=extra_files, **manifest)
 
 
 def blazeface_files(name: str = "faces", version: str = "1", *, model: Path = BUNDLED_TFLITE,

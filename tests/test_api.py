@@ -199,3 +199,36 @@ def test_settings_precedence(tmp_path: Path) -> None:
         bad = tmp_path / "bad.toml"
         bad.write_text("nope = 1\n")
         load_settings(env={}, config_file=bad)
+
+
+def test_built_in_defaults_match_the_documented_settings_file() -> None:
+    """An installed wheel has no config/ folder and falls back to the dataclass defaults."""
+    import tomllib
+
+    from supervisor.settings import Settings
+
+    documented = tomllib.loads((Path(__file__).parents[1] / "config" / "settings.toml").read_text())
+    built_in = Settings()
+    for key, value in documented.items():
+        if key == "data_dir":
+            assert Path(value) == built_in.data_dir
+        else:
+            assert getattr(built_in, key) == value, key
+
+
+def test_unwritable_data_dir_is_a_clear_one_line_error(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    if os.getuid() == 0:
+        data = Path("/proc/edgeloader-not-writable")  # not even root can create folders in /proc
+    else:
+        data = tmp_path / "ro"
+        data.mkdir(mode=0o500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "supervisor", "serve", "--data-dir", str(data), "--port", "0", "--twin", "off"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "cannot write the data dir" in proc.stderr and "Traceback" not in proc.stderr

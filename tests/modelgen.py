@@ -1,0 +1,360 @@
+"""Builders of tiny models with the real families' signatures and known outputs.
+
+Each builder writes one model file in milliseconds and returns its path. The detections a model
+produces are fixed by its ``truth`` argument (``Truth`` rows: class id, score, box), so tests can
+check decoded boxes, ids and scores numerically. The image input is wired into the graph (a
+``mean(image) * 0`` term added to the outputs) so a feed of the wrong shape or type still fails.
+
+- ONNX (``onnx.helper``): zoo tiny-YOLOv3-11 / YOLOv3-10 (with a real NonMaxSuppression node that
+  removes planted duplicates), zoo SSD-MobileNet (uint8 NHWC, padding rows past the count),
+  YOLOv8 / YOLOv5 raw heads (with planted duplicates and sub-threshold noise for NMS).
+- TFLite (LiteRT flatbuffer object API): SSD with the real ``TFLite_Detection_PostProcess`` op,
+  float or uint8-quantized input, outputs in op order or scrambled as TF2 converters leave them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import flatbuffers
+import numpy as np
+import onnx
+from ai_edge_litert import schema_py_generated as tfl
+from flatbuffers import flexbuffers
+from onnx import TensorProto, helper, numpy_helper
+
+# (class id, score, (xmin, ymin, xmax, ymax)); boxes normalised to the image unless a builder says
+# otherwise (the YOLOv5/v8 heads take them in input pixels, as those models output them).
+Truth = tuple[int, float, tuple[float, float, float, float]]
+
+YOLOV3_TRUTH: tuple[Truth, ...] = (
+    (0, 0.9, (0.10, 0.20, 0.45, 0.80)),
+    (16, 0.8, (0.50, 0.30, 0.90, 0.70)),
+    (2, 0.6, (0.50, 0.30, 0.90, 0.70)),  # same place, other class: NMS is per class
+)
+SSD_TRUTH: tuple[Truth, ...] = (
+    (17, 0.9, (0.10, 0.20, 0.40, 0.60)),
+    (3, 0.75, (0.50, 0.50, 0.90, 0.80)),
+    (1, 0.4, (0.05, 0.60, 0.30, 0.95)),
+)
+# In input pixels of a 320x320 input.
+YOLO_TRUTH: tuple[Truth, ...] = (
+    (0, 0.92, (40.0, 60.0, 120.0, 200.0)),
+    (2, 0.7, (150.0, 100.0, 300.0, 180.0)),
+    (1, 0.55, (150.0, 100.0, 300.0, 180.0)),  # same place, other class
+)
+
+__all__ = [
+    "SSD_TRUTH",
+    "UINT8_INPUT_QUANT",
+    "YOLOV3_TRUTH",
+    "YOLO_TRUTH",
+    "Truth",
+    "ssd_mobilenet_onnx",
+    "ssd_tflite",
+    "tiny_yolov3_onnx",
+    "unrelated_onnx",
+    "yolov3_10_onnx",
+    "yolov5_onnx",
+    "yolov8_onnx",
+]
+
+_F = TensorProto.FLOAT
+
+
+def _save(graph: onnx.GraphProto, path: Path, opset: int) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="modelgen")
+    model.ir_version = 7  # old enough for any onnxruntime this project supports
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _zero_of(image: str, nodes: list[onnx.NodeProto], cast: bool = False) -> str:
+    """Append nodes computing mean(image) * 0 (a float scalar) and return its name."""
+    src = image
+    if cast:
+        nodes.append(helper.make_node("Cast", [image], ["image_f"], to=_F))
+        src = "image_f"
+    nodes.append(helper.make_node("ReduceMean", [src], ["image_mean"], keepdims=0))
+    nodes.append(helper.make_node("Mul", ["image_mean", "zero"], ["image_zero"]))
+    return "image_zero"
+
+
+def _const(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(value), name)
+
+
+def _yolov3(path: Path, truth: Sequence[Truth], num_classes: int, size: int, zoo_11: bool) -> Path:
+    # Candidates: each true box, a shifted lower-score duplicate NMS must remove, and a box below
+    # the score threshold. Boxes are (y1, x1, y2, x2) normalised; the graph scales them by
+    # image_shape, as the real model reports pixels of the original image.
+    boxes, scores = [], np.zeros((num_classes, 3 * len(truth)), np.float32)
+    for i, (cls, score, (x0, y0, x1, y1)) in enumerate(truth):
+        boxes += [(y0, x0, y1, x1), (y0 + 0.01, x0 + 0.01, y1 + 0.01, x1), (y0, x0, y1, x1)]
+        scores[cls, 3 * i : 3 * i + 3] = (score, score * 0.9, 0.0)
+        scores[(cls + 1) % num_classes, 3 * i + 2] = 0.1  # under score_threshold 0.3
+    names = (
+        ("yolonms_layer_1", "yolonms_layer_1:1", "yolonms_layer_1:2")
+        if zoo_11
+        else ("yolonms_layer_1/ExpandDims_1:0", "yolonms_layer_1/ExpandDims_3:0", "yolonms_layer_1/concat_2:0")
+    )
+    nodes: list[onnx.NodeProto] = []
+    zero = _zero_of("input_1", nodes)
+    nodes += [
+        helper.make_node("Concat", ["image_shape", "image_shape"], ["hwhw"], axis=1),
+        helper.make_node("Mul", ["unit_boxes", "hwhw"], ["px_boxes"]),
+        helper.make_node("Add", ["px_boxes", zero], [names[0]]),
+        helper.make_node("Add", ["raw_scores", zero], [names[1]]),
+        helper.make_node(
+            "NonMaxSuppression", [names[0], names[1], "max_boxes", "iou", "min_score"], ["selected"]
+        ),
+        helper.make_node("Cast", ["selected"], ["selected_i32" if zoo_11 else names[2]], to=TensorProto.INT32),
+    ]
+    if zoo_11:
+        nodes.append(helper.make_node("Unsqueeze", ["selected_i32"], [names[2]], axes=[0]))
+    inits = [
+        _const("zero", np.float32(0.0)),
+        _const("unit_boxes", np.asarray(boxes, np.float32)[None]),
+        _const("raw_scores", scores[None]),
+        _const("max_boxes", np.array([20], np.int64)),
+        _const("iou", np.array([0.5], np.float32)),
+        _const("min_score", np.array([0.3], np.float32)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "yolov3",
+        [
+            helper.make_tensor_value_info("input_1", _F, ["N", 3, size, size]),
+            helper.make_tensor_value_info("image_shape", _F, ["N", 2]),
+        ],
+        [
+            helper.make_tensor_value_info(names[0], _F, [1, "boxes", 4]),
+            helper.make_tensor_value_info(names[1], _F, [1, num_classes, "boxes"]),
+            helper.make_tensor_value_info(
+                names[2], TensorProto.INT32, [1, "selected", 3] if zoo_11 else ["selected", 3]
+            ),
+        ],
+        inits,
+    )
+    return _save(graph, path, 11 if zoo_11 else 10)
+
+
+def tiny_yolov3_onnx(
+    path: Path, truth: Sequence[Truth] = YOLOV3_TRUTH, num_classes: int = 80, size: int = 416
+) -> Path:
+    """Zoo tiny-yolov3-11 signature: indices [1,M,3], outputs named ``yolonms_layer_1[:k]``."""
+    return _yolov3(path, truth, num_classes, size, zoo_11=True)
+
+
+def yolov3_10_onnx(
+    path: Path, truth: Sequence[Truth] = YOLOV3_TRUTH, num_classes: int = 80, size: int = 416
+) -> Path:
+    """Zoo yolov3-10 signature: indices [M,3], outputs named ``yolonms_layer_1/...:0``."""
+    return _yolov3(path, truth, num_classes, size, zoo_11=False)
+
+
+def ssd_mobilenet_onnx(path: Path, truth: Sequence[Truth] = SSD_TRUTH, max_detections: int = 10) -> Path:
+    """Zoo ssd_mobilenet_v1 signature: uint8 NHWC input of any size; ids kept as given.
+
+    The rows past ``num_detections`` hold a confident-looking decoy that must be ignored."""
+    rows = len(truth)
+    boxes = np.zeros((1, max_detections, 4), np.float32)
+    classes = np.zeros((1, max_detections), np.float32)
+    scores = np.zeros((1, max_detections), np.float32)
+    for i, (cls, score, (x0, y0, x1, y1)) in enumerate(truth):
+        boxes[0, i], classes[0, i], scores[0, i] = (y0, x0, y1, x1), cls, score
+    boxes[0, rows:], classes[0, rows:], scores[0, rows:] = (0.0, 0.0, 1.0, 1.0), 5.0, 0.99
+    nodes: list[onnx.NodeProto] = []
+    zero = _zero_of("image_tensor:0", nodes, cast=True)
+    outs = ("detection_boxes:0", "detection_classes:0", "detection_scores:0", "num_detections:0")
+    consts = (boxes, classes, scores, np.array([rows], np.float32))
+    nodes += [helper.make_node("Add", [f"c_{o}", zero], [o]) for o in outs]
+    graph = helper.make_graph(
+        nodes,
+        "ssd_mobilenet_v1",
+        [helper.make_tensor_value_info("image_tensor:0", TensorProto.UINT8, ["N", "H", "W", 3])],
+        [
+            helper.make_tensor_value_info(o, _F, ["N", *c.shape[1:]])
+            for o, c in zip(outs, consts, strict=True)
+        ],
+        [_const("zero", np.float32(0.0))] + [_const(f"c_{o}", c) for o, c in zip(outs, consts, strict=True)],
+    )
+    return _save(graph, path, 13)
+
+
+def _yolo_rows(truth: Sequence[Truth], num_classes: int, count: int) -> np.ndarray:
+    """[count, 4 + C] rows of (cx, cy, w, h, class scores): the truth, a shifted duplicate of each
+    at 0.9x the score (NMS must drop it), a runner-up class per box, and empty rows."""
+    rows = np.zeros((count, 4 + num_classes), np.float32)
+    for i, (cls, score, (x0, y0, x1, y1)) in enumerate(truth):
+        box = ((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0)
+        rows[2 * i, :4] = box
+        rows[2 * i + 1, :4] = (box[0] + 3, box[1] + 2, box[2], box[3])
+        rows[2 * i, 4 + cls], rows[2 * i + 1, 4 + cls] = score, score * 0.9
+        rows[2 * i, 4 + (cls + 1) % num_classes] = score / 4
+    return rows
+
+
+def _yolo_graph(path: Path, name: str, head: np.ndarray, size: int) -> Path:
+    nodes: list[onnx.NodeProto] = []
+    zero = _zero_of("images", nodes)
+    nodes.append(helper.make_node("Add", ["head", zero], ["output0"]))
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("images", _F, [1, 3, size, size])],
+        [helper.make_tensor_value_info("output0", _F, list(head.shape))],
+        [_const("zero", np.float32(0.0)), _const("head", head)],
+    )
+    return _save(graph, path, 13)
+
+
+def yolov8_onnx(
+    path: Path, truth: Sequence[Truth] = YOLO_TRUTH, num_classes: int = 3, size: int = 320, anchors: int = 64
+) -> Path:
+    """YOLOv8 export: output [1, 4+C, N] (cx, cy, w, h, class scores) in input pixels."""
+    return _yolo_graph(path, "yolov8", _yolo_rows(truth, num_classes, anchors).T[None].copy(), size)
+
+
+def yolov5_onnx(
+    path: Path, truth: Sequence[Truth] = YOLO_TRUTH, num_classes: int = 3, size: int = 320, anchors: int = 64
+) -> Path:
+    """YOLOv5 export: output [1, N, 5+C] (cx, cy, w, h, objectness, class scores), score = obj * cls.
+
+    Objectness is 0.95 on real boxes; one extra row has a high class score but objectness 0.06,
+    so its score (0.03) falls under the default cut-off only if the product is taken."""
+    rows = _yolo_rows(truth, num_classes, anchors)
+    obj = np.where(rows[:, 4:].max(axis=1) > 0, 0.95, 0.0).astype(np.float32)
+    head = np.concatenate((rows[:, :4], obj[:, None], rows[:, 4:] / 0.95), axis=1)
+    head[-1, :6] = (160.0, 160.0, 50.0, 50.0, 0.06, 0.5)
+    return _yolo_graph(path, "yolov5", head[None].copy(), size)
+
+
+def unrelated_onnx(path: Path) -> Path:
+    """A classifier: image [1,3,32,32] -> logits [1,10]; no detection family fits it."""
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["data"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "weights"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("data", _F, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", _F, [1, 10])],
+        [_const("weights", np.ones((3, 10), np.float32))],
+    )
+    return _save(graph, path, 13)
+
+
+# --- TFLite ------------------------------------------------------------------------------------
+
+UINT8_INPUT_QUANT = (0.0078125, 128)  # what TF's quantized SSDs use: raw pixels map onto [-1, 1]
+
+
+class _TfliteGraph:
+    """Tensors and buffers of one TFLite subgraph under construction."""
+
+    def __init__(self) -> None:
+        self.buffers = [tfl.BufferT()]  # buffer 0: the empty buffer of non-constant tensors
+        self.tensors: list[tfl.TensorT] = []
+
+    def tensor(
+        self,
+        name: str,
+        shape: Sequence[int],
+        ttype: int = tfl.TensorType.FLOAT32,
+        data: np.ndarray | None = None,
+        quant: tuple[float, int] | None = None,
+    ) -> int:
+        buf = 0
+        if data is not None:
+            raw = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
+            self.buffers.append(tfl.BufferT(data=raw))
+            buf = len(self.buffers) - 1
+        q = tfl.QuantizationParametersT(scale=[quant[0]], zeroPoint=[quant[1]]) if quant else None
+        self.tensors.append(tfl.TensorT(shape=list(shape), type=ttype, buffer=buf, name=name, quantization=q))
+        return len(self.tensors) - 1
+
+
+def ssd_tflite(
+    path: Path,
+    truth: Sequence[Truth] = SSD_TRUTH,
+    *,
+    quantized: bool = False,
+    scrambled: bool = False,
+    size: int = 300,
+    num_classes: int = 90,
+    max_detections: int = 10,
+) -> Path:
+    """SSD ending in TFLite_Detection_PostProcess (class ids 0-based, background column added).
+
+    Anchors are the true boxes and the box encodings are zero, so the op decodes exactly the
+    truth. ``quantized`` gives a uint8 input (scale 1/128, zero point 128); ``scrambled`` lists
+    the outputs as (scores, boxes, count, classes) named ``StatefulPartitionedCall:k``."""
+    g = _TfliteGraph()
+    n = len(truth)
+    anchors = np.array([((y0 + y1) / 2, (x0 + x1) / 2, y1 - y0, x1 - x0) for _, _, (x0, y0, x1, y1) in truth])
+    class_scores = np.zeros((1, n, num_classes + 1), np.float32)
+    for i, (cls, score, _) in enumerate(truth):
+        class_scores[0, i, cls + 1] = score
+    shape = (1, size, size, 3)
+    if quantized:
+        image = g.tensor("normalized_input_image_tensor", shape, tfl.TensorType.UINT8, quant=UINT8_INPUT_QUANT)
+        real = g.tensor("image_float", shape)
+    else:
+        image = real = g.tensor("normalized_input_image_tensor", shape)
+    axes = g.tensor("axes", (3,), tfl.TensorType.INT32, np.array([1, 2, 3], np.int32))
+    mean, zeroed = g.tensor("mean", (1,)), g.tensor("zeroed", (1,))
+    zero = g.tensor("zero", (1,), data=np.zeros(1, np.float32))
+    enc_const = g.tensor("box_enc_const", (1, n, 4), data=np.zeros((1, n, 4), np.float32))
+    enc = g.tensor("raw_outputs/box_encodings", (1, n, 4))
+    scores_in = g.tensor("raw_outputs/class_predictions", (1, n, num_classes + 1), data=class_scores)
+    anc = g.tensor("anchors", (n, 4), data=anchors.astype(np.float32))
+    op_name = "TFLite_Detection_PostProcess"
+    shapes = ((1, max_detections, 4), (1, max_detections), (1, max_detections), (1,))
+    outs = [g.tensor(op_name + (f":{k}" if k else ""), s) for k, s in enumerate(shapes)]
+    order = outs
+    if scrambled:
+        order = [outs[2], outs[0], outs[3], outs[1]]
+        for k, index in enumerate(order):
+            g.tensors[index].name = f"StatefulPartitionedCall:{k}"
+    options = flexbuffers.Dumps(
+        {
+            "max_detections": max_detections,
+            "max_classes_per_detection": 1,
+            "detections_per_class": 100,
+            "use_regular_nms": False,
+            "nms_score_threshold": 0.01,
+            "nms_iou_threshold": 0.6,
+            "num_classes": num_classes,
+            "y_scale": 10.0,
+            "x_scale": 10.0,
+            "h_scale": 5.0,
+            "w_scale": 5.0,
+        }
+    )
+    op = tfl.BuiltinOperator
+    codes = [(op.DEQUANTIZE, None), (op.MEAN, None), (op.MUL, None), (op.ADD, None), (op.CUSTOM, op_name)]
+    kinds = tfl.BuiltinOptions
+    ops = [
+        tfl.OperatorT(1, [real, axes], [mean], kinds.ReducerOptions, tfl.ReducerOptionsT(keepDims=False)),
+        tfl.OperatorT(2, [mean, zero], [zeroed], kinds.MulOptions, tfl.MulOptionsT()),
+        tfl.OperatorT(3, [enc_const, zeroed], [enc], kinds.AddOptions, tfl.AddOptionsT()),
+        tfl.OperatorT(4, [enc, scores_in, anc], outs, customOptions=np.frombuffer(bytes(options), np.uint8)),
+    ]
+    if quantized:
+        ops.insert(0, tfl.OperatorT(0, [image], [real]))
+    model = tfl.ModelT(
+        version=3,
+        operatorCodes=[tfl.OperatorCodeT(deprecatedBuiltinCode=c, customCode=name, builtinCode=c) for c, name in codes],
+        subgraphs=[tfl.SubGraphT(tensors=g.tensors, inputs=[image], outputs=order, operators=ops, name="main")],
+        buffers=g.buffers,
+        description="modelgen ssd",
+    )
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(builder.Output())
+    return path

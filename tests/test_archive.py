@@ -1,0 +1,167 @@
+"""Unpacking packages safely (supervisor/archive.py): what is refused, and why, in words."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+from packages import BAD_PACKAGES, ssd_files, write_folder, zip_bytes
+
+from supervisor.archive import ArchiveLimits, is_complete_zip, unpack_package
+from supervisor.package import PackageError
+
+LIMITS = ArchiveLimits(max_files=16, max_bytes=20_000_000, max_ratio=200.0)
+
+
+def unpack(tmp_path: Path, data: bytes, name: str = "p.zip", limits: ArchiveLimits = LIMITS) -> Path:
+    src = tmp_path / name
+    src.write_bytes(data)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    unpack_package(src, dest, limits)
+    return dest
+
+
+def refused(tmp_path: Path, data: bytes, limits: ArchiveLimits = LIMITS) -> str:
+    with pytest.raises(PackageError) as info:
+        unpack(tmp_path, data, limits=limits)
+    assert not any((tmp_path / "out").parent.glob("evil*")), "something was written outside"
+    return str(info.value)
+
+
+def zip_of(entries: dict[str | zipfile.ZipInfo, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        for info, data in entries.items():
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def test_a_zip_of_a_folder_unpacks_without_its_top_folder(tmp_path: Path) -> None:
+    files = ssd_files("m", "1")
+    out = unpack(tmp_path, zip_bytes(files, folder="my-model"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert (out / "model.onnx").read_bytes() == files["model.onnx"]
+
+
+def test_subfolders_are_kept(tmp_path: Path) -> None:
+    out = unpack(tmp_path, zip_of({"model.onnx": b"m", "extra/labels.txt": b"a\n"}))
+    assert (out / "extra" / "labels.txt").read_text() == "a\n"
+
+
+@pytest.mark.parametrize(
+    ("member", "words"),
+    [
+        ("../evil.txt", "leaves the package folder"),
+        ("a/../../evil.txt", "leaves the package folder"),
+        ("..\\evil.txt", "leaves the package folder"),
+        ("/evil.txt", "is absolute"),
+        ("C:/evil.txt", "is absolute"),
+        ("\\evil.txt", "is absolute"),
+    ],
+)
+def test_paths_leaving_the_folder_are_refused(tmp_path: Path, member: str, words: str) -> None:
+    reason = refused(tmp_path, zip_of({"model.onnx": b"m", member: b"x"}))
+    assert "unsafe path" in reason and words in reason
+
+
+@pytest.mark.parametrize(("mode", "words"), [(0o120777, "is a symlink"), (0o010644, "special file"),
+                                             (0o060644, "special file")])
+def test_symlinks_and_special_files_are_refused(tmp_path: Path, mode: int, words: str) -> None:
+    entry = zipfile.ZipInfo("labels.txt")
+    entry.external_attr = mode << 16  # what `zip --symlinks` stores; a fifo; a block device
+    assert words in refused(tmp_path, zip_of({"model.onnx": b"m", entry: b"/etc/passwd"}))
+
+
+def test_file_count_limit(tmp_path: Path) -> None:
+    reason = refused(tmp_path, zip_of({f"f{i}.txt": b"x" for i in range(17)}))
+    assert "17 files" in reason and "limit is 16" in reason
+
+
+def test_size_limit(tmp_path: Path) -> None:
+    data = os.urandom(1_000_000)
+    limits = ArchiveLimits(max_files=16, max_bytes=2_500_000, max_ratio=200.0)
+    reason = refused(tmp_path, zip_of({"a": data, "b": data, "c": data}, zipfile.ZIP_STORED), limits)
+    assert "3000000 bytes" in reason and "limit is 2500000" in reason
+
+
+def test_zip_bomb_by_ratio(tmp_path: Path) -> None:
+    _, make, _, _ = BAD_PACKAGES["zip-bomb"]
+    reason = refused(tmp_path, make(), ArchiveLimits())  # under the default size limit
+    assert "compression ratio" in reason and "zip bomb" in reason
+
+
+def test_small_highly_compressible_files_are_fine(tmp_path: Path) -> None:
+    # A labels file of repeated names compresses well; only big unpacked sizes count as bombs.
+    out = unpack(tmp_path, zip_of({"labels.txt": b"person\n" * 100_000}))
+    assert (out / "labels.txt").stat().st_size == 700_000
+
+
+def test_duplicate_entries_are_refused(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        zf.writestr("labels.txt", b"a")
+        zf.writestr("labels.txt", b"b")
+    assert "twice" in refused(tmp_path, buf.getvalue())
+
+
+def test_corrupt_entry_is_refused(tmp_path: Path) -> None:
+    data = bytearray(zip_of({"model.onnx": b"0123456789" * 1000}, zipfile.ZIP_STORED))
+    at = data.index(b"0123456789")
+    data[at : at + 4] = b"XXXX"  # the CRC no longer matches
+    assert "corrupt" in refused(tmp_path, bytes(data))
+
+
+def test_encrypted_entry_is_refused_with_a_reason(tmp_path: Path) -> None:
+    # zipfile cannot write encrypted entries: set the "encrypted" flag bit in both headers.
+    data = bytearray(zip_of({"model.onnx": b"m"}, zipfile.ZIP_STORED))
+    local, central = data.index(b"PK\x03\x04"), data.index(b"PK\x01\x02")
+    data[local + 6] |= 0x1
+    data[central + 8] |= 0x1
+    assert "encrypted" in refused(tmp_path, bytes(data))
+
+
+def test_not_a_zip_truncated_and_empty(tmp_path: Path) -> None:
+    for i, (data, words) in enumerate([
+        (b"just text\n" * 10, "not a valid zip"),
+        (zip_bytes(ssd_files())[:-100], "not a valid zip"),
+        (b"", "empty"),
+    ]):
+        (tmp_path / str(i)).mkdir()
+        assert words in refused(tmp_path / str(i), data)
+
+
+def test_is_complete_zip_tells_a_copy_in_progress(tmp_path: Path) -> None:
+    data = zip_bytes(ssd_files())
+    path = tmp_path / "p.zip"
+    for cut in (0, 10, len(data) // 2, len(data) - 1):
+        path.write_bytes(data[:cut])
+        assert not is_complete_zip(path), cut
+    path.write_bytes(data)
+    assert is_complete_zip(path)
+    assert not is_complete_zip(tmp_path / "missing.zip")
+
+
+def test_folder_packages_are_copied_and_checked(tmp_path: Path) -> None:
+    src = write_folder(tmp_path / "pkg", ssd_files())
+    dest = tmp_path / "out"
+    dest.mkdir()
+    unpack_package(src, dest, LIMITS)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in src.iterdir())
+    os.symlink("/etc/passwd", src / "labels2.txt")
+    dest2 = tmp_path / "out2"
+    dest2.mkdir()
+    with pytest.raises(PackageError, match="symlink"):
+        unpack_package(src, dest2, LIMITS)
+
+
+def test_a_bare_model_file_is_taken_as_is(tmp_path: Path) -> None:
+    src = tmp_path / "detector.onnx"
+    src.write_bytes(b"model bytes")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    unpack_package(src, dest, LIMITS)
+    assert (dest / "detector.onnx").read_bytes() == b"model bytes"

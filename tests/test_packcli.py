@@ -1,0 +1,123 @@
+"""`edgeloader pack` and `edgeloader verify`: packages built by `pack` are accepted by the device,
+and `verify` says what the pipeline would say, without touching any repository."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from packages import BAD_PACKAGES, BUNDLED, SSD_LABELS, bad_package, ssd_onnx, write_folder
+
+from supervisor.__main__ import main
+from supervisor.engine import Engine
+from supervisor.events import EventBus
+from supervisor.package import file_sha256
+from supervisor.packcli import pack_main, verify_main
+from supervisor.pipeline import Pipeline
+from supervisor.repository import Repository
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """What a data scientist has: a model and its labels, no manifest."""
+    return write_folder(tmp_path / "my-detector", {"model.onnx": ssd_onnx(), "labels.txt": SSD_LABELS.encode()})
+
+
+def test_pack_writes_a_manifest_with_every_files_hash(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "dist" / "detector.zip"
+    code = pack_main([str(model_dir), "-o", str(out), "--version", "2024.1", "--handler", "onnx_ssd",
+                      "--score-threshold", "0.1"])
+    assert code == 0, capsys.readouterr().err
+    with zipfile.ZipFile(out) as zf:
+        assert zf.namelist() == ["model.json", "labels.txt", "model.onnx"]
+        manifest = json.loads(zf.read("model.json"))
+    assert manifest["name"] == "my-detector" and manifest["version"] == "2024.1"
+    assert manifest["handler"] == "onnx_ssd" and manifest["model"] == "model.onnx"
+    assert manifest["labels"] == "labels.txt" and manifest["score_threshold"] == 0.1
+    assert manifest["files"] == {
+        "labels.txt": file_sha256(model_dir / "labels.txt"),
+        "model.onnx": file_sha256(model_dir / "model.onnx"),
+    }
+    printed = capsys.readouterr().out
+    assert "valid" in printed and f"packed {out}" in printed
+    assert not list(out.parent.glob("*.part"))
+
+
+def test_pack_is_reproducible(model_dir: Path, tmp_path: Path) -> None:
+    for name in ("a.zip", "b.zip"):
+        assert pack_main([str(model_dir), "-o", str(tmp_path / name), "--version", "1", "--no-verify"]) == 0
+    assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
+
+
+def test_pack_keeps_the_folders_own_manifest(tmp_path: Path) -> None:
+    out = tmp_path / "faces.zip"
+    assert pack_main([str(BUNDLED), "-o", str(out)]) == 0
+    with zipfile.ZipFile(out) as zf:
+        manifest = json.loads(zf.read("model.json"))
+    bundled = json.loads((BUNDLED / "model.json").read_text())
+    assert manifest["name"] == bundled["name"] and manifest["description"] == bundled["description"]
+    assert set(manifest["files"]) == {"LICENSE.txt", "face_detection_short_range.tflite", "labels.txt"}
+
+
+def test_pack_refuses_what_the_device_would(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert pack_main([str(model_dir), "-o", str(tmp_path / "x.zip")]) == 1
+    assert "no version" in capsys.readouterr().err
+    (model_dir / "labels.txt").unlink()
+    assert pack_main([str(model_dir), "-o", str(tmp_path / "x.zip"), "--version", "1"]) == 1
+    assert "no labels" in capsys.readouterr().err
+    assert not (tmp_path / "x.zip").exists() and not (tmp_path / "x.zip.part").exists()
+    assert pack_main([str(tmp_path / "missing"), "-o", str(tmp_path / "x.zip")]) == 2
+    assert pack_main([str(model_dir), "-o", str(model_dir / "x.zip"), "--version", "1"]) == 2
+
+
+async def test_a_packed_zip_dropped_with_its_sha256_becomes_active(
+    model_dir: Path, pipeline: Pipeline, repo: Repository, engine: Engine, events: EventBus
+) -> None:
+    out = repo.inbox_dir / "detector.zip"
+    assert pack_main([str(model_dir), "-o", str(out), "--version", "3", "--sha256",
+                      "--handler", "onnx_ssd"]) == 0
+    assert (repo.inbox_dir / "detector.zip.sha256").read_text().split()[0] == file_sha256(out)
+    await pipeline.process(out, source="inbox")
+    assert engine.active is not None and (engine.active.info.name, engine.active.info.version) == ("my-detector", "3")
+    assert events.history[-1].state == "active"
+
+
+def test_verify_a_good_package(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "d.zip"
+    assert pack_main([str(model_dir), "-o", str(out), "--version", "1", "--no-verify", "--no-activate"]) == 0
+    capsys.readouterr()
+    assert verify_main([str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["valid"] is True and report["handler"] == "onnx_ssd"
+    assert (report["name"], report["version"], report["labels"]) == ("my-detector", "1", 2)
+    assert report["files_checked"] == 2 and report["activate"] is False
+    assert report["package_sha256"] == file_sha256(out)
+    # The same through the command line entry point, human-readable; a bare model folder works too.
+    assert main(["verify", str(BUNDLED)]) == 0
+    assert "blazeface-short-range 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_PACKAGES))
+def test_verify_says_what_the_pipeline_says(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDGELOADER_DATA_DIR", str(tmp_path / "data"))
+    path, words = bad_package(kind, tmp_path / "usb")
+    assert verify_main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "INVALID" in err and all(w in err for w in words), err
+    # Nothing installed, quarantined or removed: verify only reads.
+    assert path.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["usb"]
+
+
+def test_verify_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert verify_main([str(tmp_path / "nothing.zip")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -1,0 +1,255 @@
+"""The drop-folder watcher: complete packages are processed once, copies in progress are waited
+for, temp names are ignored, late sidecars are read, packages present at start are picked up.
+
+Most tests run the real pipeline. ``Recorder`` stands in for it where a test is about what the
+watcher hands over and when (how often, in which order), which the real one hides by deleting
+or quarantining each package."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from packages import last, ssd_files, states, write_zip, zip_bytes
+
+from supervisor.engine import Engine
+from supervisor.events import EventBus
+from supervisor.pipeline import Pipeline
+from supervisor.repository import Repository
+from supervisor.settings import Settings
+from supervisor.watcher import is_candidate_name, sidecar_owner
+
+if TYPE_CHECKING:
+    from conftest import StartWatcher, WaitUntil, WriteSoon
+
+
+class Recorder:
+    """Records what the watcher hands over; removes each package like the pipeline (or not)."""
+
+    def __init__(self, remove: bool = True, seconds: float = 0.0) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.remove = remove
+        self.seconds = seconds
+        self.running = 0
+        self.most_at_once = 0
+
+    async def process(self, package: Path, source: str) -> None:
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        self.calls.append((package.name, source))
+        await asyncio.sleep(self.seconds)
+        if self.remove:
+            await asyncio.to_thread(package.unlink)
+        self.running -= 1
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+def active_events(events: EventBus) -> list[tuple[str | None, str | None]]:
+    return [(e.name, e.version) for e in events.history if e.state == "active" and e.source != "startup"]
+
+
+def test_names() -> None:
+    for name in ("model.zip", "faces", "detector.onnx", "v2.tflite", "Model (1).zip"):
+        assert is_candidate_name(name), name
+    for name in ("model.zip.part", "model.zip.crdownload", "model.zip.tmp", "~$model.zip", ".~lock.model.zip#",
+                 ".tmp-1234abcd", ".DS_Store", "model.zip.sha256", "model.zip.md5", "model.zip.intent.json",
+                 "model.zip.intent.json.part", "Thumbs.db", "desktop.ini", "model.zip~", ".model.zip.Xy12Ab"):
+        assert not is_candidate_name(name), name
+    assert sidecar_owner("model.zip.sha256") == "model.zip"
+    assert sidecar_owner("model.zip.intent.json") == "model.zip"
+    assert sidecar_owner("model.zip") is None
+
+
+async def test_a_slow_copy_activates_once_when_complete(
+    pipeline: Pipeline, settings: Settings, events: EventBus, engine: Engine,
+    start_watcher: StartWatcher, write_soon: WriteSoon, wait_until: WaitUntil,
+) -> None:
+    """A USB copy trickling in over ~2 s: the zip is complete only when its central directory
+    (the last bytes) lands; until then it is neither processed nor rejected."""
+    await start_watcher(pipeline)
+    data = zip_bytes(ssd_files("tiny-ssd", "2"))
+    started = time.monotonic()
+    writer = write_soon(settings.inbox_dir / "update.zip", data, seconds=2.0, chunks=20)
+    await wait_until(lambda: active_events(events), within=10, what="the model to become active")
+    assert time.monotonic() - started > 1.8, "activated before the copy finished"
+    writer.join()
+    await asyncio.sleep(3 * settings.settle_seconds)  # nothing more comes
+    assert active_events(events) == [("tiny-ssd", "2")]
+    assert "rejected" not in states(events)
+    assert states(events, "update.zip") == ["received", "validating", "activating", "active"]
+    assert engine.active is not None and engine.active.info.name == "tiny-ssd"
+
+
+async def test_a_slow_bare_model_copy_waits_for_settle(
+    settings: Settings, start_watcher: StartWatcher, write_soon: WriteSoon, wait_until: WaitUntil,
+) -> None:
+    """A bare model file has no end marker: only the settle time tells the copy is over."""
+    recorder = Recorder()
+    await start_watcher(recorder)
+    data = os.urandom(40_000)
+    started = time.monotonic()
+    write_soon(settings.inbox_dir / "detector.onnx", data, seconds=1.5, chunks=15).join()
+    finished = time.monotonic()
+    await wait_until(lambda: recorder.calls, within=5, what="the file to be handed over")
+    handed_at = time.monotonic()
+    assert recorder.calls == [("detector.onnx", "inbox")]
+    assert handed_at - finished >= settings.settle_seconds * 0.9
+    assert handed_at - started > 1.5
+
+
+async def test_a_folder_copied_file_by_file(
+    pipeline: Pipeline, settings: Settings, events: EventBus, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    await start_watcher(pipeline)
+    folder = settings.inbox_dir / "faces-v3"
+    folder.mkdir()
+    for rel, data in ssd_files("tiny-ssd", "3").items():
+        # Each file arrives as a .part and is renamed, like rsync or a browser download.
+        await asyncio.to_thread((folder / f"{rel}.part").write_bytes, data)
+        await asyncio.sleep(settings.settle_seconds * 1.5)
+        os.rename(folder / f"{rel}.part", folder / rel)
+    await wait_until(lambda: active_events(events), within=5, what="the folder package to activate")
+    assert active_events(events) == [("tiny-ssd", "3")]
+    assert "rejected" not in states(events)
+    assert not folder.exists()
+
+
+async def test_partial_and_temp_names_are_left_alone(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    recorder = Recorder()
+    await start_watcher(recorder)
+    inbox, staging = settings.inbox_dir, settings.staging_dir
+    for name in ("model.zip.part", "model.zip.crdownload", "~$model.zip", ".~lock.model.zip#", "Thumbs.db",
+                 "model.zip.sha256"):
+        (inbox / name).write_bytes(b"x")
+    (staging / ".tmp-0123456789ab").mkdir()  # the repository building a version
+    (staging / ".tmp-0123456789ab" / "model.onnx").write_bytes(b"x")
+    (staging / "download.zip.part").write_bytes(b"PK\x03\x04")
+    await asyncio.sleep(settings.settle_seconds * 4)
+    assert recorder.calls == []
+    os.rename(inbox / "model.zip.part", inbox / "model.zip")  # the copy finished
+    await wait_until(lambda: recorder.calls, within=5, what="the renamed package")
+    await asyncio.sleep(settings.settle_seconds * 2)
+    assert recorder.calls == [("model.zip", "inbox")]
+
+
+async def test_a_late_sidecar_is_read(
+    pipeline: Pipeline, settings: Settings, events: EventBus, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    """The checksum file lands just after the package: it is still checked (here: it does not match)."""
+    await start_watcher(pipeline)
+    package = write_zip(settings.inbox_dir / "m.zip", ssd_files("tiny-ssd", "4"))
+    await asyncio.sleep(settings.settle_seconds / 2)
+    (settings.inbox_dir / "m.zip.sha256").write_text("0" * 64 + "  m.zip\n")
+    rejected = await wait_until(lambda: last(events, "rejected"), within=5, what="the package to be rejected")
+    assert "package SHA-256" in (rejected.reason or "")
+    assert not package.exists() and not (settings.inbox_dir / "m.zip.sha256").exists()
+    assert active_events(events) == []
+
+
+async def test_packages_present_at_start_are_processed(
+    pipeline: Pipeline, settings: Settings, events: EventBus, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    write_zip(settings.inbox_dir / "a.zip", ssd_files("tiny-ssd", "5"))
+    write_zip(settings.staging_dir / "b.zip", ssd_files("other-ssd", "1"))
+    await start_watcher(pipeline)
+    await wait_until(lambda: len(active_events(events)) == 2, within=5, what="both packages")
+    assert sorted(active_events(events)) == [("other-ssd", "1"), ("tiny-ssd", "5")]
+    sources = {e.package: e.source for e in events.history if e.state == "active" and e.source != "startup"}
+    assert sources == {"a.zip": "inbox", "b.zip": "staging"}
+
+
+async def test_packages_are_processed_one_at_a_time(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    recorder = Recorder(seconds=0.2)
+    for i in range(3):
+        (settings.inbox_dir / f"{i}.zip").write_bytes(zip_bytes({"a": b"x"}))
+    await start_watcher(recorder)
+    await wait_until(lambda: len(recorder.calls) == 3 and recorder.running == 0, within=5, what="3 packages")
+    assert recorder.most_at_once == 1
+    assert sorted(recorder.names()) == ["0.zip", "1.zip", "2.zip"]
+
+
+async def test_a_package_left_in_place_is_not_retried_until_it_changes(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    recorder = Recorder(remove=False)
+    path = settings.inbox_dir / "stuck.zip"
+    path.write_bytes(zip_bytes({"a": b"x"}))
+    await start_watcher(recorder, rescan_seconds=0.3)
+    await wait_until(lambda: recorder.calls, within=5, what="the first hand-over")
+    await asyncio.sleep(1.0)  # several rescans
+    assert recorder.names() == ["stuck.zip"]
+    path.write_bytes(zip_bytes({"a": b"changed"}))
+    await wait_until(lambda: len(recorder.calls) == 2, within=5, what="the changed package")
+
+
+async def test_a_copy_that_stopped_half_way_is_waited_for_then_rejected(
+    pipeline: Pipeline, settings: Settings, events: EventBus, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    await start_watcher(pipeline, incomplete_timeout=1.0)
+    data = zip_bytes(ssd_files("tiny-ssd", "6"))
+    path = settings.inbox_dir / "cut.zip"
+    path.write_bytes(data[: len(data) // 2])
+    started = time.monotonic()
+    rejected = await wait_until(lambda: last(events, "rejected"), within=6, what="the rejection")
+    assert time.monotonic() - started >= 1.0, "an incomplete zip is waited for first"
+    assert "not a valid zip" in (rejected.reason or "")
+
+
+async def test_a_copy_that_resumes_is_taken_whole(
+    pipeline: Pipeline, settings: Settings, events: EventBus, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    """A copy stalling for longer than the settle time (a USB hiccup) is not rejected."""
+    await start_watcher(pipeline, incomplete_timeout=10.0)
+    data = zip_bytes(ssd_files("tiny-ssd", "7"))
+    path = settings.inbox_dir / "stall.zip"
+    with path.open("wb") as f:
+        f.write(data[:1000])
+        f.flush()
+        await asyncio.sleep(settings.settle_seconds * 4)
+        f.write(data[1000:])
+    await wait_until(lambda: active_events(events), within=5, what="the activation")
+    assert active_events(events) == [("tiny-ssd", "7")]
+    assert "rejected" not in states(events)
+
+
+async def test_polling_mode(settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil) -> None:
+    """The fallback for filesystems without notifications (WATCHFILES_FORCE_POLLING=1)."""
+    recorder = Recorder()
+    await start_watcher(recorder, force_polling=True)
+    (settings.inbox_dir / "p.zip").write_bytes(zip_bytes({"a": b"x"}))
+    await wait_until(lambda: recorder.calls, within=5, what="the polled package")
+
+
+async def test_the_watcher_keeps_going_after_a_pipeline_crash(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    class Flaky(Recorder):
+        async def process(self, package: Path, source: str) -> None:
+            await super().process(package, source)
+            if package.name == "boom.zip":
+                raise RuntimeError("a bug")
+
+    flaky = Flaky()
+    await start_watcher(flaky)
+    (settings.inbox_dir / "boom.zip").write_bytes(zip_bytes({"a": b"x"}))
+    await wait_until(lambda: flaky.calls, within=5, what="the first package")
+    (settings.inbox_dir / "next.zip").write_bytes(zip_bytes({"a": b"y"}))
+    await wait_until(lambda: len(flaky.calls) == 2, within=5, what="the next package")
+
+
+async def test_the_watched_folders_are_created(
+    repo: Repository, settings: Settings, start_watcher: StartWatcher,
+) -> None:
+    os.rmdir(settings.inbox_dir)
+    await start_watcher(Recorder())
+    assert settings.inbox_dir.is_dir()
+
