@@ -10,6 +10,8 @@ runtime threads, thresholds), then answers one JSON command per stdin line with 
 - ``{"cmd": "bare", "c": 2, "seconds": 4, "threads": null}``: ``c`` threads calling
   ``runtime.run(feeds)`` on one already-prepared tensor (the model as loaded by the engine, or a
   separate runtime with ``threads`` intra-op threads per call).
+- ``{"cmd": "cycles", "package": DIR, "n": 50}``: load, warm and close a model ``n`` times, RSS
+  (heap trimmed) after each: a leak across load/unload cycles shows as a rising floor.
 - ``{"cmd": "loaded_size", "package": DIR}``: RSS added by loading and warming one more model
   (on every worker thread), measured after ``malloc_trim`` so freed load-time buffers do not count.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import json
 import os
 import sys
@@ -139,6 +142,38 @@ class Bench:
                 "released_kb": after - rss_kb()}
 
 
+    async def cycles(self, package: Path, n: int) -> dict[str, Any]:
+        """Load, warm on every worker thread and close ``n`` times; live RSS (heap trimmed) after each."""
+        loop = asyncio.get_running_loop()
+        workers = self.engine.workers
+        after: list[int] = []
+        loaded = 0
+        for i in range(n):
+            trim()
+            before = rss_kb()
+            other = await self.engine.load(package)
+            barrier = threading.Barrier(workers)
+
+            def on_each_thread(model: LoadedModel = other, barrier: threading.Barrier = barrier) -> None:
+                model.runtime.run(self.feeds)
+                barrier.wait(10)
+
+            await asyncio.gather(*(loop.run_in_executor(self.engine.executor, on_each_thread) for _ in range(workers)))
+            if i == 0:
+                trim()
+                loaded = rss_kb() - before
+            other.runtime.close()
+            other = None  # type: ignore[assignment]
+            gc.collect()
+            trim()
+            after.append(rss_kb())
+        half = n // 2
+        # The floor, not the last value: RSS swings by tens of MB with what the allocator keeps.
+        growth = min(after[half:]) - min(after[5:half]) if n >= 20 else after[-1] - after[0]
+        return {"n": n, "rss_after_kb": after, "growth_kb": growth, "loaded_kb": loaded,
+                "growth_vs_loaded": round(growth / loaded, 3) if loaded > 0 else None}
+
+
 async def main() -> int:
     package, image = Path(sys.argv[1]), Path(sys.argv[2])
     # Results go to the original stdout; anything else printed there (logs) goes to stderr.
@@ -165,6 +200,8 @@ async def main() -> int:
             threads = cmd.get("threads")
             out = await loop.run_in_executor(None, bench.run_bare, int(cmd["c"]), float(cmd["seconds"]),
                                              int(threads) if threads is not None else None)
+        elif cmd["cmd"] == "cycles":
+            out = await bench.cycles(Path(cmd["package"]), int(cmd["n"]))
         elif cmd["cmd"] == "loaded_size":
             out = await bench.loaded_size(Path(cmd["package"]))
         elif cmd["cmd"] == "quit":

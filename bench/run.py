@@ -77,11 +77,11 @@ def ensure_setup() -> None:
 class InProc:
     """bench/inproc.py as a subprocess: one JSON command per line, one JSON answer per line."""
 
-    def __init__(self, package: Path, image: Path) -> None:
+    def __init__(self, package: Path, image: Path, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(BENCH / "inproc.py"), str(package), str(image)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-            env={**os.environ, "EDGELOADER_TWIN": "off"},
+            env={**os.environ, "EDGELOADER_TWIN": "off", **(env or {})},
         )
         self.info = self._read()
 
@@ -110,45 +110,46 @@ class InProc:
 
 
 def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rounds of one configuration: throughput from the totals, latency percentiles averaged."""
-    req = sum(r["requests"] for r in runs)
-    secs = sum(r["seconds"] for r in runs)
-    out: dict[str, Any] = {"rps": round(req / secs, 2) if secs else 0.0, "requests": req,
+    """Rounds of one configuration: medians over rounds (robust to a neighbour's burst of load)."""
+    out: dict[str, Any] = {"requests": sum(r["requests"] for r in runs),
                            "errors": sum(r.get("errors", 0) for r in runs)}
-    for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "cpu_ms_per_req", "loadgen_cpu_pct", "server_cpu_pct"):
+    for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "cpu_ms_per_req", "loadgen_cpu_pct",
+                "server_cpu_pct"):
         vals = [r[key] for r in runs if key in r]
         if vals:
-            out[key] = round(float(np.mean(vals)), 2)
+            out[key] = round(float(np.median(vals)), 2)
     out["rounds"] = runs
     return out
 
 
 def overhead(model: str, server: Server, inproc: InProc, seconds: float, rounds: int) -> dict[str, Any]:
+    """Every (concurrency, mode) once per round, the order reversed every other round, so that a
+    neighbour's load spreads over all configurations instead of landing on one."""
     wrk(server.url + "/detect", SMALL, 2, 1.0)  # warm the server's workers and connections
-    table: dict[str, Any] = {}
     cpus = os.cpu_count() or 1
+    configs = [(c, mode) for c in CONCURRENCY for mode in ("http", "inproc", "bare")] + [(1, "bare_all_threads")]
+    runs: dict[tuple[int, str], list[dict[str, Any]]] = {cfg: [] for cfg in configs}
+    for r in range(rounds):
+        for c, mode in configs if r % 2 == 0 else configs[::-1]:
+            if mode == "http":
+                res = wrk(server.url + "/detect", SMALL, c, seconds, server.pid)
+            elif mode == "inproc":
+                res = inproc.ask(cmd="engine", c=c, seconds=seconds)
+            elif mode == "bare":
+                res = inproc.ask(cmd="bare", c=c, seconds=seconds)
+            else:  # one call using every core: what the runtime does for a single client
+                res = inproc.ask(cmd="bare", c=1, seconds=seconds, threads=cpus)
+            runs[(c, mode)].append(res)
+    table: dict[str, Any] = {}
+    for (c, mode), lst in runs.items():
+        table.setdefault(str(c), {})[mode] = _merge(lst)
     for c in CONCURRENCY:
-        runs: dict[str, list[dict[str, Any]]] = {"http": [], "inproc": [], "bare": []}
-        if c == 1:
-            runs["bare_all_threads"] = []
-        for r in range(rounds):
-            order = list(runs) if r % 2 == 0 else list(reversed(runs))
-            for mode in order:
-                if mode == "http":
-                    res = wrk(server.url + "/detect", SMALL, c, seconds, server.pid)
-                elif mode == "inproc":
-                    res = inproc.ask(cmd="engine", c=c, seconds=seconds)
-                elif mode == "bare":
-                    res = inproc.ask(cmd="bare", c=c, seconds=seconds)
-                else:  # one call using every core: what the runtime does for a single client
-                    res = inproc.ask(cmd="bare", c=1, seconds=seconds, threads=cpus)
-                runs[mode].append(res)
-        table[str(c)] = {mode: _merge(v) for mode, v in runs.items()}
         row = table[str(c)]
         log(f"{model} c={c}: http {row['http']['rps']:.1f}/s  in-process {row['inproc']['rps']:.1f}/s  "
             f"bare {row['bare']['rps']:.1f}/s  (wrk used {row['http'].get('loadgen_cpu_pct', 0):.0f}% of a core)")
     best = {mode: max(table[str(c)][mode]["rps"] for c in CONCURRENCY) for mode in ("http", "inproc", "bare")}
     best["bare_all_threads"] = table["1"]["bare_all_threads"]["rps"]
+    cpu = {mode: min(table[str(c)][mode]["cpu_ms_per_req"] for c in CONCURRENCY) for mode in ("http", "inproc", "bare")}
     return {
         "by_concurrency": table,
         "best_rps": best,
@@ -156,6 +157,10 @@ def overhead(model: str, server: Server, inproc: InProc, seconds: float, rounds:
         "inproc_vs_bare": round(best["inproc"] / best["bare"], 3),
         "http_vs_bare": round(best["http"] / best["bare"], 3),
         "bare_vs_bare_all_threads": round(best["bare"] / best["bare_all_threads"], 3),
+        # CPU time per request is far less sensitive to a noisy neighbour than throughput is.
+        "cpu_ms_per_req": cpu,
+        "cpu_inproc_vs_http": round(cpu["inproc"] / cpu["http"], 3),
+        "cpu_bare_vs_inproc": round(cpu["bare"] / cpu["inproc"], 3),
     }
 
 
@@ -226,6 +231,16 @@ async def swaps_under_load(server: Server, name: str, swaps: int = 20, clients: 
     }
 
 
+def _floor_growth(after: list[int]) -> int:
+    """Lowest RSS in the second half of the swaps minus lowest in the first (after 5 to settle).
+
+    RSS between swaps swings by tens of MB with what the allocator keeps (even trimmed: a
+    tiny-YOLOv3 process swings 150-230 MB over 150 cycles with a steady 150 MB floor); a leak
+    raises the floor."""
+    half = max(len(after) // 2, 6)
+    return min(after[half:]) - min(after[5:half])
+
+
 async def memory_over_swaps(server: Server, name: str, loaded_kb: int, swaps: int = 50) -> dict[str, Any]:
     """Under a light load (1 client): steady peak, then per swap the peak and the RSS after it."""
     load = Load("127.0.0.1", server.port, SMALL.read_bytes(), 1)
@@ -246,13 +261,13 @@ async def memory_over_swaps(server: Server, name: str, loaded_kb: int, swaps: in
         after.append(server.rss_kb())
     await load.stop()
     over = max(peaks) - steady_peak
-    # Growth: RSS after the last 5 swaps vs after swaps 6-10 (the allocator's first cycles settle).
-    growth = float(np.median(after[-5:]) - np.median(after[5:10]))
+    growth = float(_floor_growth(after))
     slope = float(np.polyfit(np.arange(10, swaps), after[10:], 1)[0]) if swaps > 12 else float("nan")
     return {
         "swaps": swaps, "steady_peak_kb": steady_peak, "steady_rss_kb": steady_rss,
         "swap_peak_max_kb": max(peaks), "swap_peak_median_kb": int(np.median(peaks)),
-        "peak_over_steady_kb": over, "loaded_kb": loaded_kb,
+        "peak_over_steady_kb": over, "median_peak_over_steady_kb": int(np.median(peaks)) - steady_peak,
+        "loaded_kb": loaded_kb,
         "peak_over_steady_vs_loaded": round(over / loaded_kb, 3) if loaded_kb > 0 else float("nan"),
         "rss_after_swap_kb": after, "growth_kb": int(growth), "slope_kb_per_swap": round(slope, 1),
         "growth_vs_loaded": round(growth / loaded_kb, 3) if loaded_kb > 0 else float("nan"),
@@ -282,10 +297,10 @@ def startup(repeats: int = 3) -> dict[str, Any]:
 def bench_model(model: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
     name, prefix = MODELS[model]
     log(f"== {model}: {MODEL_DESC[model]}")
-    with Server(model, model=PKGS / f"{prefix}1") as server:
+    with Server(model, model=PKGS / f"{prefix}1", env=args.server_env) as server:
         log(f"{model}: server ready in {server.ready_s:.2f} s (bundled default + import); installing version 2")
         server.install(PKGS / f"{prefix}2", name, "2")
-        inproc = InProc(PKGS / f"{prefix}1", SMALL)
+        inproc = InProc(PKGS / f"{prefix}1", SMALL, args.server_env)
         try:
             entry: dict[str, Any] = {"description": MODEL_DESC[model], "workers": inproc.info["workers"],
                                      "runtime_threads": inproc.info["runtime_threads"]}
@@ -304,10 +319,15 @@ def bench_model(model: str, args: argparse.Namespace, results: dict[str, Any]) -
                 size = inproc.ask(cmd="loaded_size", package=str(PKGS / f"{prefix}2"))
                 entry["loaded_size"] = size
                 entry["memory"] = asyncio.run(memory_over_swaps(server, name, size["loaded_kb"], args.swaps))
+                # The same load/unload cycle without HTTP or traffic, heap trimmed after each:
+                # tells a leak (live memory grows) from allocator retention (RSS swings).
+                entry["memory"]["cycles"] = inproc.ask(cmd="cycles", package=str(PKGS / f"{prefix}2"),
+                                                       n=args.swaps)
                 mem = entry["memory"]
                 log(f"{model}: loaded size {size['loaded_kb'] / 1024:.1f} MB; swap peak over steady "
                     f"{mem['peak_over_steady_kb'] / 1024:.1f} MB; growth over {args.swaps} swaps "
-                    f"{mem['growth_kb'] / 1024:.1f} MB")
+                    f"{mem['growth_kb'] / 1024:.1f} MB (live memory, trimmed: "
+                    f"{mem['cycles']['growth_kb'] / 1024:.1f} MB)")
         finally:
             inproc.close()
         results["models"][model] = entry
@@ -345,6 +365,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"swap peak RSS over steady / loaded size, {model}",
             get(model, "memory", "peak_over_steady_vs_loaded"), 1.3, True)
         add(f"RSS growth over 50 swaps / loaded size, {model}", get(model, "memory", "growth_vs_loaded"), 0.1, True)
+        add(f"live-memory growth, 50 load/unload cycles, {model}",
+            get(model, "memory", "cycles", "growth_vs_loaded"), 0.1, True)
     st = results.get("startup")
     if st:
         add("start to /readyz, fresh data dir (median)", st["fresh_median_s"], 2.0, True, "s")
@@ -382,14 +404,18 @@ def print_tables(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="edge-model-loader benchmarks (see docs/performance.md)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="length of one measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of one measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
     parser.add_argument("--swaps", type=int, default=50, help="swaps in the memory test")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ",".join(MODELS))
     parser.add_argument("--only", default="overhead,big,swap,memory,startup",
                         help="sections: overhead,big,swap,memory,startup")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for the service and the in-process side, e.g. EDGELOADER_WORKERS=3 "
+                             "or MALLOC_ARENA_MAX=2 (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    args.server_env = dict(kv.split("=", 1) for kv in args.server_env)
     args.only = set(args.only.split(","))
     ensure_setup()
     t0 = time.perf_counter()
@@ -402,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
             "ai_edge_litert": litert_version, "seconds_per_measurement": args.seconds, "rounds": args.rounds,
             "images": {"640x480": SMALL.stat().st_size, "12MP": LARGE.stat().st_size},
+            "server_env": args.server_env,
         },
         "models": {},
     }

@@ -13,6 +13,8 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from structlog.processors import format_exc_info
+
 __all__ = ["REDACTED", "redact", "redact_processor", "redact_url"]
 
 REDACTED = "REDACTED"
@@ -73,10 +75,14 @@ def redact_processor(
 ) -> MutableMapping[str, Any]:
     """structlog processor: redact every value of the event.
 
-    Place it after ``format_exc_info`` (so tracebacks are text by then) and before the renderer,
-    in both the structlog chain and the ``ProcessorFormatter``'s ``foreign_pre_chain`` so that stdlib
-    loggers (aiohttp, azure.iot.device) are covered too.
+    Put it before the renderer, in both the structlog chain and the ``ProcessorFormatter``'s
+    ``foreign_pre_chain`` so that stdlib loggers (aiohttp, azure.iot.device) are covered too. An
+    ``exc_info`` is rendered to text here (as ``format_exc_info`` would) so that a URL inside an
+    exception message is redacted as well; keys starting with ``_`` (structlog's own) are left alone.
     """
+    if event_dict.get("exc_info"):
+        event_dict = format_exc_info(_logger, _method, event_dict)
     for key, value in list(event_dict.items()):
-        event_dict[key] = _scrub(value)
+        if not key.startswith("_"):
+            event_dict[key] = _scrub(value)
     return event_dict

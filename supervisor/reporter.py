@@ -67,6 +67,14 @@ class Reporter:
         self._outputs[output] = (body, dict(properties or {}))
         self._wake.set()
 
+    def take_over(self, old: Reporter) -> None:
+        """Adopt what ``old`` (a previous run's reporter) still had to send."""
+        self._patch = merge_patch(old._patch, self._patch)
+        self._outputs = {**old._outputs, **self._outputs}
+        old._patch, old._outputs = {}, {}
+        if self.pending:
+            self._wake.set()
+
     def wake(self) -> None:
         """Try now (after a reconnect)."""
         self._wake.set()

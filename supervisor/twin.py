@@ -51,7 +51,7 @@ class Updates(Protocol):
     def active(self) -> ModelEvent | None:
         """The active model as an 'active' event, or None."""
 
-    async def activate(self, name: str, version: str, source: str) -> None:
+    async def activate(self, name: str, version: str, source: str) -> object:
         """Make an installed model active; raises on failure; publishes events."""
 
 
@@ -168,6 +168,7 @@ class TwinService:
         self._job: asyncio.Task[None] | None = None
         self._job_req: DesiredModel | None = None
         self._waiters: dict[str, asyncio.Queue[ModelEvent]] = {}
+        self._last_state: str | None = None
 
     # ----------------------------------------------------------------------------------- lifecycle
     async def run(self) -> None:
@@ -184,7 +185,11 @@ class TwinService:
             HubClient.create, mode, self.settings.connection_string, self._env,
             connection_retry_interval=self._connection_retry_interval, op_timeout=self.twin_timeout,
         )
-        self.hub, self.reporter = hub, Reporter(hub, retry_interval=self._retry_interval)
+        reporter = Reporter(hub, retry_interval=self._retry_interval)
+        if self.reporter is not None:  # a restart (supervised): what the last run could not send
+            reporter.take_over(self.reporter)
+        self.hub, self.reporter = hub, reporter
+        self._reset()
         hub.on_connection_change(self._on_connection_change)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -201,6 +206,15 @@ class TwinService:
                 await asyncio.wait([self._job], timeout=5)
             await hub.shutdown()
             log.info("twin_stopped")
+
+    def _reset(self) -> None:
+        self._desired_version = None
+        self._patch_hint = None
+        self._resync = asyncio.Event()
+        self._wanted = None
+        self._wanted_changed = asyncio.Event()
+        self._job = self._job_req = None
+        self._waiters = {}
 
     async def _start(self, hub: HubClient) -> None:
         delay = 1.0
@@ -446,6 +460,7 @@ class TwinService:
         if bytes_done is not None:
             status["BytesDone"] = bytes_done
             status["BytesTotal"] = bytes_total
+        self._last_state = state
         log.info("model_update_status", **{k: v for k, v in status.items() if v is not None})
         patch: dict[str, Any] = {"ModelUpdate": status}
         active = self.updates.active() if state == "active" else None
@@ -457,12 +472,12 @@ class TwinService:
 
     @staticmethod
     def _active_patch(event: ModelEvent) -> dict[str, Any]:
-        return {
-            "LatestAIModelFileName": event.package,
-            "ModelUpdate": {"ActiveModel": {
-                "Name": event.name, "Version": event.version, "SHA256": event.model_sha256,
-            }},
-        }
+        patch: dict[str, Any] = {"ModelUpdate": {"ActiveModel": {
+            "Name": event.name, "Version": event.version, "SHA256": event.model_sha256,
+        }}}
+        if event.package:  # the package the active model came from, when known
+            patch["LatestAIModelFileName"] = event.package
+        return patch
 
     def _report_active(self, event: ModelEvent, send_message: bool = True) -> None:
         assert self.reporter is not None
@@ -485,9 +500,14 @@ class TwinService:
                 active = self.updates.active()
                 if active is not None:
                     self._report_active(active)
+                # The event names the version now active: if the twin's package was active, it is not
+                # any more; report it, so that a restart does not activate it again.
                 request = self._job_req
-                if request is not None and event.package == request.file_name:
-                    self._report_status("rolled_back", reason=event.reason or "rolled back")
+                if (
+                    request is not None and self._job is not None and self._job.done()
+                    and self._last_state == "active" and event.package != request.file_name
+                ):
+                    self._report_status("rolled_back", reason=event.reason or f"rolled back ({event.source})")
             queue = self._waiters.get(event.sha256 or "")
             if queue is None and event.source in ("twin", "staging"):
                 queue = self._waiters.get(event.package)

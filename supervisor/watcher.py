@@ -273,6 +273,8 @@ class PackageWatcher:
                 await self.pipeline.process(path, source=source)
             except Exception:
                 log.exception("package_processing_crashed", package=path.name, source=source)
-            left = await asyncio.to_thread(_snapshot, path)
-            if left is not None:
-                self._done[path] = left
+            # Left exactly as it was handed over: not handed over again until it changes. (Another
+            # file under the same name, dropped meanwhile, is a new candidate: its own event
+            # already restarted its timer.)
+            if await asyncio.to_thread(_snapshot, path) == now:
+                self._done[path] = now

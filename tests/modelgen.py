@@ -92,7 +92,7 @@ def _yolov3(path: Path, truth: Sequence[Truth], num_classes: int, size: int, zoo
     # image_shape, as the real model reports pixels of the original image.
     boxes, scores = [], np.zeros((num_classes, 3 * len(truth)), np.float32)
     for i, (cls, score, (x0, y0, x1, y1)) in enumerate(truth):
-        boxes += [(y0, x0, y1, x1), (y0 + 0.01, x0 + 0.01, y1 + 0.01, x1), (y0, x0, y1, x1)]
+        boxes += [(y0, x0, y1, x1), (y0 + 0.01, x0 + 0.01, y1 + 0.01, x1 + 0.01), (y0, x0, y1, x1)]
         scores[cls, 3 * i : 3 * i + 3] = (score, score * 0.9, 0.0)
         scores[(cls + 1) % num_classes, 3 * i + 2] = 0.1  # under score_threshold 0.3
     names = (
@@ -107,9 +107,7 @@ def _yolov3(path: Path, truth: Sequence[Truth], num_classes: int, size: int, zoo
         helper.make_node("Mul", ["unit_boxes", "hwhw"], ["px_boxes"]),
         helper.make_node("Add", ["px_boxes", zero], [names[0]]),
         helper.make_node("Add", ["raw_scores", zero], [names[1]]),
-        helper.make_node(
-            "NonMaxSuppression", [names[0], names[1], "max_boxes", "iou", "min_score"], ["selected"]
-        ),
+        helper.make_node("NonMaxSuppression", [names[0], names[1], "max_boxes", "iou", "min_score"], ["selected"]),
         helper.make_node("Cast", ["selected"], ["selected_i32" if zoo_11 else names[2]], to=TensorProto.INT32),
     ]
     if zoo_11:
@@ -132,25 +130,19 @@ def _yolov3(path: Path, truth: Sequence[Truth], num_classes: int, size: int, zoo
         [
             helper.make_tensor_value_info(names[0], _F, [1, "boxes", 4]),
             helper.make_tensor_value_info(names[1], _F, [1, num_classes, "boxes"]),
-            helper.make_tensor_value_info(
-                names[2], TensorProto.INT32, [1, "selected", 3] if zoo_11 else ["selected", 3]
-            ),
+            helper.make_tensor_value_info(names[2], TensorProto.INT32, [1, "sel", 3] if zoo_11 else ["sel", 3]),
         ],
         inits,
     )
     return _save(graph, path, 11 if zoo_11 else 10)
 
 
-def tiny_yolov3_onnx(
-    path: Path, truth: Sequence[Truth] = YOLOV3_TRUTH, num_classes: int = 80, size: int = 416
-) -> Path:
+def tiny_yolov3_onnx(path: Path, truth: Sequence[Truth] = YOLOV3_TRUTH, num_classes: int = 80, size: int = 416) -> Path:
     """Zoo tiny-yolov3-11 signature: indices [1,M,3], outputs named ``yolonms_layer_1[:k]``."""
     return _yolov3(path, truth, num_classes, size, zoo_11=True)
 
 
-def yolov3_10_onnx(
-    path: Path, truth: Sequence[Truth] = YOLOV3_TRUTH, num_classes: int = 80, size: int = 416
-) -> Path:
+def yolov3_10_onnx(path: Path, truth: Sequence[Truth] = YOLOV3_TRUTH, num_classes: int = 80, size: int = 416) -> Path:
     """Zoo yolov3-10 signature: indices [M,3], outputs named ``yolonms_layer_1/...:0``."""
     return _yolov3(path, truth, num_classes, size, zoo_11=False)
 
@@ -175,10 +167,7 @@ def ssd_mobilenet_onnx(path: Path, truth: Sequence[Truth] = SSD_TRUTH, max_detec
         nodes,
         "ssd_mobilenet_v1",
         [helper.make_tensor_value_info("image_tensor:0", TensorProto.UINT8, ["N", "H", "W", 3])],
-        [
-            helper.make_tensor_value_info(o, _F, ["N", *c.shape[1:]])
-            for o, c in zip(outs, consts, strict=True)
-        ],
+        [helper.make_tensor_value_info(o, _F, ["N", *c.shape[1:]]) for o, c in zip(outs, consts, strict=True)],
         [_const("zero", np.float32(0.0))] + [_const(f"c_{o}", c) for o, c in zip(outs, consts, strict=True)],
     )
     return _save(graph, path, 13)
@@ -322,20 +311,10 @@ def ssd_tflite(
         for k, index in enumerate(order):
             g.tensors[index].name = f"StatefulPartitionedCall:{k}"
     options = flexbuffers.Dumps(
-        {
-            "max_detections": max_detections,
-            "max_classes_per_detection": 1,
-            "detections_per_class": 100,
-            "use_regular_nms": False,
-            "nms_score_threshold": 0.01,
-            "nms_iou_threshold": 0.6,
-            "num_classes": num_classes,
-            "y_scale": 10.0,
-            "x_scale": 10.0,
-            "h_scale": 5.0,
-            "w_scale": 5.0,
-        }
-    )
+        dict(max_detections=max_detections, max_classes_per_detection=1, detections_per_class=100,
+             use_regular_nms=False, nms_score_threshold=0.01, nms_iou_threshold=0.6, num_classes=num_classes,
+             y_scale=10.0, x_scale=10.0, h_scale=5.0, w_scale=5.0)
+    )  # fmt: skip
     op = tfl.BuiltinOperator
     codes = [(op.DEQUANTIZE, None), (op.MEAN, None), (op.MUL, None), (op.ADD, None), (op.CUSTOM, op_name)]
     kinds = tfl.BuiltinOptions

@@ -52,6 +52,7 @@ BUNDLED_TFLITE = BUNDLED / "face_detection_short_range.tflite"
 FULL_RANGE_TFLITE = ROOT / "tests" / "data" / "face_detection_full_range.tflite"
 SSD_LABELS = "background\nthing\n"
 _SIZE = 64  # input height and width of the test SSD models
+_ZIP_DATE = (2024, 1, 1, 0, 0, 0)
 
 
 def _sha(data: bytes) -> str:
@@ -197,7 +198,9 @@ def zip_bytes(files: dict[str, bytes], folder: str | None = None) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for path, data in files.items():
-            zf.writestr(f"{folder}/{path}" if folder else path, data)
+            # A fixed timestamp: the same files give the same bytes (the same package SHA-256).
+            zf.writestr(zipfile.ZipInfo(f"{folder}/{path}" if folder else path, _ZIP_DATE), data,
+                        zipfile.ZIP_DEFLATED)
     return buf.getvalue()
 
 
@@ -220,10 +223,10 @@ def write_folder(path: Path, files: dict[str, bytes]) -> Path:
 def _zip_with(entries: list[tuple[zipfile.ZipInfo | str, bytes]], base: dict[str, bytes] | None = None) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path, data in (base or {}).items():
-            zf.writestr(path, data)
-        for info, data in entries:
-            zf.writestr(info, data)
+        for info, data in [*(base or {}).items(), *entries]:
+            if isinstance(info, str):
+                info = zipfile.ZipInfo(info, _ZIP_DATE)
+            zf.writestr(info, data, zipfile.ZIP_DEFLATED)
     return buf.getvalue()
 
 

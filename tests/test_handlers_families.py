@@ -12,7 +12,7 @@ import pytest
 from modelgen import SSD_TRUTH, YOLO_TRUTH, YOLOV3_TRUTH, Truth
 from PIL import Image
 
-from handlers import Detection, Handler, choose_handler
+from handlers import Detection, Handler, Signature, TensorSpec, choose_handler
 from handlers.runtimes import Runtime, open_runtime
 
 
@@ -127,6 +127,20 @@ def test_tflite_ssd_input_normalisation(tmp_path: Path) -> None:
     feed = handler.preprocess(half).feeds["normalized_input_image_tensor"]
     assert feed.dtype == np.uint8
     np.testing.assert_array_equal(feed[0, 5, 5], [0, 255, 0])
+
+
+def test_tflite_ssd_int8_input_is_shifted_raw_pixels() -> None:
+    outputs = (
+        TensorSpec("TFLite_Detection_PostProcess", (1, 10, 4), "float32"),
+        TensorSpec("TFLite_Detection_PostProcess:1", (1, 10), "float32"),
+        TensorSpec("TFLite_Detection_PostProcess:2", (1, 10), "float32"),
+        TensorSpec("TFLite_Detection_PostProcess:3", (1,), "float32"),
+    )
+    signature = Signature("tflite", (TensorSpec("image", (1, 320, 320, 3), "int8"),), outputs)
+    handler = choose_handler(signature)
+    feed = handler.preprocess(Image.new("RGB", (50, 50), (0, 128, 255))).feeds["image"]
+    assert feed.dtype == np.int8 and feed.shape == (1, 320, 320, 3)
+    np.testing.assert_array_equal(feed[0, 7, 7], [-128, 0, 127])
 
 
 def test_tflite_ssd_min_score(tmp_path: Path) -> None:

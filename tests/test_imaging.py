@@ -106,6 +106,15 @@ def test_supported_formats_decode_to_rgb(fmt: str, mode: str) -> None:
     assert image.size == original == (120, 80)
 
 
+def test_16_bit_greyscale_png_keeps_its_contrast() -> None:
+    ramp = np.tile(np.linspace(0, 65535, 256), (16, 1)).astype(np.uint16)
+    image, _ = decode_image(encode(Image.fromarray(ramp), "PNG"), None, MAX)
+    pixels = np.asarray(image)
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(pixels[0, :, 0], ramp[0] >> 8)  # not clipped at 255
+    assert pixels[0, 0, 0] == 0 and pixels[0, -1, 0] == 255
+
+
 def test_palette_png_with_transparency_decodes_without_warnings() -> None:
     # pytest turns warnings into errors here; Pillow warns when such images go straight to RGB.
     data = encode(gradient(64, 64).convert("P"), "PNG", transparency=0)

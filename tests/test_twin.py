@@ -129,12 +129,15 @@ class ScriptedPipeline:
 
 
 class Rig:
-    """A running TwinService against the hub simulator, with its scripted pipeline."""
+    """A running TwinService against the hub simulator, with the scripted pipeline or a real one."""
 
-    def __init__(self, hub: IotHub, blobs: BlobStore, data_dir: Path, **options: Any) -> None:
-        self.hub, self.sim, self.blobs = hub, hub.sim, blobs
-        self.pipeline = ScriptedPipeline(data_dir)
-        settings = Settings(data_dir=data_dir, twin="auto", connection_string=hub.connection_string)
+    def __init__(self, hub: IotHub, blobs: BlobStore, scratch: Path, updates: Any = None,
+                 settings: Settings | None = None, **options: Any) -> None:
+        self.hub, self.sim, self.blobs, self.scratch = hub, hub.sim, blobs, scratch
+        self.pipeline = updates if updates is not None else ScriptedPipeline(scratch / "data")
+        settings = (settings or Settings(data_dir=self.pipeline.data_dir)).replace(
+            twin="auto", connection_string=hub.connection_string
+        )
         defaults: dict[str, Any] = {
             "progress_interval": 0.5, "retry_interval": 0.5, "twin_timeout": 5.0, "pipeline_timeout": 15.0,
             "download_retries": 3, "download_backoff": (0.1, 0.5), "download_read_timeout": 5.0,
@@ -144,7 +147,9 @@ class Rig:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> Rig:
-        self._tasks = [asyncio.create_task(self.pipeline.run()), asyncio.create_task(self.service.run())]
+        self._tasks = [asyncio.create_task(self.service.run(), name="twin")]
+        if isinstance(self.pipeline, ScriptedPipeline):
+            self._tasks.append(asyncio.create_task(self.pipeline.run(), name="scripted-pipeline"))
         # Connected, first twin read, desired-patch handler subscribed.
         await eventually(lambda: self.sim.twin_gets >= 2 or any(t.done() for t in self._tasks), 15,
                          "the module to connect and read its twin")
@@ -164,7 +169,7 @@ class Rig:
     def desired_for(self, blob: str, data: bytes, via: FaultProxy | None = None, **kw: Any) -> dict[str, Any]:
         """Upload ``data`` as ``blob`` and return what ``edgeloader twin-patch`` prints for it."""
         self.blobs.upload(blob, data)
-        tmp = self.pipeline.data_dir / blob
+        tmp = self.scratch / blob
         tmp.write_bytes(data)
         try:
             return desired_properties(tmp, self.blobs.sas_url(blob, via=via), **kw)
@@ -174,7 +179,7 @@ class Rig:
 
 @pytest.fixture
 async def rig(iot_hub: IotHub, blob_store: BlobStore, tmp_path: Path) -> AsyncIterator[Rig]:
-    rig = Rig(iot_hub, blob_store, tmp_path / "data")
+    rig = Rig(iot_hub, blob_store, tmp_path)
     await rig.start()
     try:
         yield rig
@@ -279,7 +284,7 @@ async def test_failures_are_reported_once_and_not_retried(rig: Rig, blob_proxy: 
 
     # A restart (the supervisor restarts a crashed service) does not retry the failed version either.
     await rig.stop()
-    again = Rig(iot_hub, blobs, tmp_path / "data2")
+    again = Rig(iot_hub, blobs, tmp_path / "restart")
     await again.start()
     try:
         await asyncio.sleep(1.0)
@@ -376,3 +381,89 @@ def test_desired_model_parsing() -> None:
                 {"ContentLength": -1}, {"ContentMD5": "nope"}, {"Activate": "perhaps"}):
         with pytest.raises(ValueError):
             DesiredModel.parse(dict(base, **bad))
+
+
+# ------------------------------------------------------------------- with the real pipeline and app
+@pytest.fixture
+async def real_rig(iot_hub: IotHub, blob_store: BlobStore, tmp_path: Path, settings: Settings,
+                   pipeline: Any, start_watcher: Any) -> AsyncIterator[Rig]:
+    """The twin service on the real pipeline (started, serving the bundled model) and folder watcher."""
+    await start_watcher(pipeline)
+    rig = Rig(iot_hub, blob_store, tmp_path, updates=pipeline, settings=settings)
+    await rig.start()
+    try:
+        yield rig
+    finally:
+        await rig.stop()
+
+
+async def test_real_app_happy_path(iot_hub: IotHub, blob_store: BlobStore, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole service as `edgeloader serve` builds it: desired patch -> download -> staging ->
+    watcher -> pipeline (validate, install, warm up, flip) -> reported properties and DLModelOutput."""
+    from aiohttp import web
+    from packages import ssd_files, zip_bytes
+
+    from supervisor.app import build_app
+    from supervisor.settings import load_settings
+
+    monkeypatch.setenv("EDGELOADER_CA_CERT", str(iot_hub.ca_file))
+    settings = load_settings({
+        "data_dir": tmp_path / "data", "twin": "auto", "connection_string": iot_hub.connection_string,
+        "settle_seconds": 0.2, "workers": 2, "runtime_threads": 1,
+    }, env={})
+    runner = web.AppRunner(build_app(settings))
+    await runner.setup()
+    try:
+        sim = iot_hub.sim
+        # At start-up the module reports the model it serves (the bundled default).
+        await eventually(lambda: sim.reported_copy().get("ModelUpdate", {}).get("ActiveModel"), 20,
+                         "the start-up report of the active model")
+        rig = Rig(iot_hub, blob_store, tmp_path)  # only for desired_for (twin-patch + upload)
+        data = zip_bytes(ssd_files("tiny-ssd", "2"))
+        desired = rig.desired_for("tiny-ssd-2.zip", data)
+        started = time.monotonic()
+        version = sim.set_desired(desired)
+        status = await sim.wait_status("active", version, within=30)
+        print(f"real app: desired patch -> active in {(time.monotonic() - started) * 1000:.0f} ms "
+              f"(settle_seconds={settings.settle_seconds})")
+        assert status["ActiveModel"]["Name"] == "tiny-ssd" and status["ActiveModel"]["Version"] == "2"
+        assert sim.reported_copy()["LatestAIModelFileName"] == "tiny-ssd-2.zip"
+        message = (await eventually(lambda: [m for m in sim.outputs("DLModelOutput")
+                                             if m.body.get("model_version") == "2"], 10, "DLModelOutput"))[-1]
+        assert (settings.data_dir / message.body["local_model_path"]).is_file()
+        assert (settings.data_dir / message.body["local_labelmap_path"]).is_file()
+        assert message.body["local_model_path"].endswith("model.onnx")
+        assert not os.path.isabs(message.body["local_model_path"])
+        assert os.listdir(settings.staging_dir) == []
+    finally:
+        await runner.cleanup()
+
+
+async def test_real_pipeline_rejects_invalid_package(real_rig: Rig, blob_proxy: FaultProxy) -> None:
+    from packages import BAD_PACKAGES
+
+    _, make, _, words = BAD_PACKAGES["manifest-checksum"]
+    version = real_rig.sim.set_desired(real_rig.desired_for("badsum-1.zip", make(), via=blob_proxy))
+    status = await real_rig.sim.wait_status("failed", version, within=20)
+    assert all(w in status["Reason"] for w in words), status
+    connections = blob_proxy.connections
+    await asyncio.sleep(1.0)
+    assert blob_proxy.connections == connections == 1  # reported once, not retried
+    assert real_rig.sim.reported_copy()["ModelUpdate"]["ActiveModel"]["Name"] != "badsum"
+
+
+async def test_real_pipeline_offline_catch_up(real_rig: Rig) -> None:
+    from packages import ssd_files, zip_bytes
+
+    sim, proxy = real_rig.sim, real_rig.hub.proxy
+    proxy.offline()
+    await eventually(lambda: real_rig.service.hub is not None and not real_rig.service.hub.connected, 10,
+                     "the disconnect")
+    version = sim.set_desired(real_rig.desired_for("tiny-ssd-3.zip", zip_bytes(ssd_files("tiny-ssd", "3"))))
+    await asyncio.sleep(1.0)
+    proxy.online()
+    status = await sim.wait_status("active", version, within=30)
+    assert (status["ActiveModel"]["Name"], status["ActiveModel"]["Version"]) == ("tiny-ssd", "3")
+    assert await eventually(lambda: [m for m in sim.outputs("DLModelOutput")
+                                     if m.body.get("model_version") == "3"], 10, "DLModelOutput")
