@@ -11,8 +11,10 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from supervisor.errors import Conflict, ModelInvalid, NotFound
 from supervisor.events import EventBus, ModelEvent, State
 from supervisor.package import Manifest, PackageError, file_sha256, read_manifest, verify_files
 from supervisor.quarantine import Quarantine
-from supervisor.repository import InstalledVersion, Repository
+from supervisor.repository import TMP_PREFIX, InstalledVersion, Repository
 from supervisor.settings import Settings
 
 __all__ = [
@@ -395,7 +397,11 @@ def _mark_activated(path: Path) -> None:
 def _remove_package(package: Path) -> None:
     for extra in sidecars(package):
         extra.unlink(missing_ok=True)
-    if package.is_dir():
-        shutil.rmtree(package, ignore_errors=True)
+    if package.is_dir() and not package.is_symlink():
+        # Renamed out of sight first: a crash mid-delete must not leave half a folder that the
+        # watcher would take for a new (broken) package. Repair removes the leftover.
+        doomed = package.with_name(f"{TMP_PREFIX}del-{uuid.uuid4().hex[:8]}")
+        os.rename(package, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     else:
         package.unlink(missing_ok=True)

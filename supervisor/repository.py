@@ -185,7 +185,8 @@ class Repository:
         without an install record. Returns what was removed (for the log)."""
         self.ensure_layout()
         removed: list[str] = []
-        for path in self.staging_dir.glob(f"{TMP_PREFIX}*"):
+        # staging/: versions being built or deleted; inbox/: folder packages being deleted.
+        for path in [*self.staging_dir.glob(f"{TMP_PREFIX}*"), *self.inbox_dir.glob(f"{TMP_PREFIX}*")]:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(str(path.relative_to(self.data_dir)))
         for path in self.data_dir.glob(f"*{TMP_PREFIX}*"):

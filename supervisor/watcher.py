@@ -152,7 +152,9 @@ class PackageWatcher:
         ``rescan_seconds``: the safety-net rescan when no notification arrived meanwhile.
         ``force_polling``: None lets watchfiles decide (``WATCHFILES_FORCE_POLLING``)."""
         self.pipeline = pipeline
-        self.roots = {inbox: "inbox", staging: "staging"}
+        # Absolute, not resolved: inotify reports absolute paths under the path as given (through
+        # symlinks), polling reports them as given; _notice makes both absolute to compare.
+        self.roots = {Path(os.path.abspath(inbox)): "inbox", Path(os.path.abspath(staging)): "staging"}
         self.settle_seconds = settle_seconds
         self.incomplete_timeout = incomplete_timeout
         self.rescan_seconds = rescan_seconds
@@ -196,7 +198,7 @@ class PackageWatcher:
                 await self._rescan()
                 continue
             for _change, raw in changes:
-                self._notice(Path(raw))
+                self._notice(Path(os.path.abspath(raw)))
 
     async def _rescan(self) -> None:
         for root, source in self.roots.items():

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from aiohttp.test_utils import TestClient
 from packages import last, ssd_files, states, write_folder, write_zip
+from structlog.testing import capture_logs
 
 from supervisor.app import build_app
 from supervisor.engine import Engine
@@ -15,6 +17,9 @@ from supervisor.keys import EVENTS, PIPELINE
 from supervisor.pipeline import Pipeline
 from supervisor.repository import Repository
 from supervisor.settings import Settings
+
+if TYPE_CHECKING:
+    from conftest import WaitUntil
 
 
 def active_key(engine: Engine) -> tuple[str, str] | None:
@@ -107,8 +112,12 @@ async def test_a_rejected_package_dropped_again_is_recognised(
 ) -> None:
     bad = ssd_files("tiny-ssd", "5")
     del bad["labels.txt"]
-    await pipeline.process(write_zip(repo.inbox_dir / "bad.zip", bad), source="inbox")
+    with capture_logs() as logs:
+        await pipeline.process(write_zip(repo.inbox_dir / "bad.zip", bad), source="inbox")
     assert states(events, "bad.zip")[-1] == "rejected"
+    [logged] = [e for e in logs if e["event"] == "package_quarantined"]
+    assert logged["log_level"] == "warning" and "labels.txt" in logged["reason"]
+    assert any(e["event"] == "model_event" and e["state"] == "rejected" for e in logs)
     assert len(pipeline.quarantine.entries()) == 1
     await pipeline.process(write_zip(repo.inbox_dir / "bad-again.zip", bad), source="inbox")
     dup = last(events, "duplicate")
@@ -194,7 +203,9 @@ async def test_rollback_and_roll_forward_through_the_api(aiohttp_client, setting
     assert client.app[EVENTS].history[-1].state == "active"
 
 
-async def test_automatic_rollback_when_real_requests_fail(aiohttp_client, settings: Settings, photo: bytes) -> None:
+async def test_automatic_rollback_when_real_requests_fail(
+    aiohttp_client, settings: Settings, photo: bytes, wait_until: WaitUntil
+) -> None:
     """A model that passes warm-up (blank image) but fails on every real image is rolled back
     after `rollback_after_failures` failed requests; the previous model answers again."""
     client: TestClient = await aiohttp_client(build_app(settings, services=False))
@@ -214,11 +225,9 @@ async def test_automatic_rollback_when_real_requests_fail(aiohttp_client, settin
         assert "inference failed" in body["error"]["message"]
     assert statuses == [500] * settings.rollback_after_failures
 
-    for _ in range(100):  # the rollback runs as its own task: give it a moment
-        if (rolled := last(events, "rolled_back")) is not None:
-            break
-        await __import__("asyncio").sleep(0.02)
-    assert rolled is not None and rolled.source == "auto-rollback"
+    # The rollback runs as its own task: give it a moment.
+    rolled = await wait_until(lambda: last(events, "rolled_back"), within=5, what="the automatic rollback")
+    assert rolled.source == "auto-rollback"
     assert (rolled.name, rolled.version) == ("tiny-ssd", "1")
     resp = await client.post("/detect", data=photo, headers={"Content-Type": "image/jpeg"})
     assert resp.status == 200

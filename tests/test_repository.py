@@ -112,6 +112,8 @@ def test_repair_removes_what_a_crash_leaves(repo: Repository) -> None:
     work = repo.new_workdir()
     (work / "model.onnx").write_bytes(b"half")
     (repo.staging_dir / ".tmp-del-1234").mkdir()
+    (repo.inbox_dir / ".tmp-del-5678").mkdir()  # a folder package half deleted after its install
+    (repo.inbox_dir / ".tmp-del-5678" / "labels.txt").write_text("a\n")
     os.symlink("models/m/1", repo.data_dir / "current.tmp-deadbeef")
     recordless = repo.models_dir / "m" / "2"
     recordless.mkdir()
@@ -124,8 +126,9 @@ def test_repair_removes_what_a_crash_leaves(repo: Repository) -> None:
     assert not work.exists() and not recordless.exists()
     assert not (repo.data_dir / "current.tmp-deadbeef").is_symlink()
     assert sorted(p.name for p in repo.staging_dir.iterdir()) == ["waiting.zip"]
+    assert list(repo.inbox_dir.iterdir()) == []
     assert repo.current() == good and repo.versions() == [good]
-    assert len(removed) == 4
+    assert len(removed) == 5
 
 
 async def _start(settings: Settings, repo: Repository, engine: Engine) -> tuple[Pipeline, EventBus]:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 from packages import last, ssd_files, states, write_zip, zip_bytes
 
 from supervisor.engine import Engine
@@ -20,7 +21,7 @@ from supervisor.events import EventBus
 from supervisor.pipeline import Pipeline
 from supervisor.repository import Repository
 from supervisor.settings import Settings
-from supervisor.watcher import is_candidate_name, sidecar_owner
+from supervisor.watcher import PackageWatcher, is_candidate_name, sidecar_owner
 
 if TYPE_CHECKING:
     from conftest import StartWatcher, WaitUntil, WriteSoon
@@ -253,3 +254,24 @@ async def test_the_watched_folders_are_created(
     await start_watcher(Recorder())
     assert settings.inbox_dir.is_dir()
 
+
+
+
+@pytest.mark.parametrize("force_polling", [False, True], ids=["inotify", "polling"])
+async def test_relative_folders_are_watched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wait_until: WaitUntil, force_polling: bool,
+) -> None:
+    """The default data dir is ./var: inotify reports absolute paths for a relative watch, polling
+    relative ones. Both must reach the candidate (not only the slow rescan)."""
+    monkeypatch.chdir(tmp_path)
+    recorder = Recorder()
+    watcher = PackageWatcher(recorder, Path("var/inbox"), Path("var/staging"), 0.1,
+                             force_polling=force_polling, rescan_seconds=60)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.sleep(0.3)
+        (tmp_path / "var" / "inbox" / "p.zip").write_bytes(zip_bytes({"a": b"x"}))
+        await wait_until(lambda: recorder.calls, within=3, what="the package")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
