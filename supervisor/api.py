@@ -10,8 +10,8 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from handlers.imaging import ImageDecodeError, ImageTooLarge, UnsupportedImageType
 
+from handlers.imaging import ImageDecodeError, ImageTooLarge, UnsupportedImageType
 from supervisor.engine import DetectResult
 from supervisor.errors import (
     BadRequest,
@@ -236,6 +236,11 @@ async def list_models(request: web.Request) -> web.Response:
     active = engine.active
     current = repo.current()
     previous = repo.previous()
+    # The newest trouble each version had (a failed activation, an automatic rollback away from it).
+    trouble: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+    for event in request.app[EVENTS].history:
+        if event.state in ("failed", "rolled_back") and event.reason:
+            trouble[(event.name, event.version)] = {"state": event.state, "reason": event.reason, "at": event.at}
     versions = []
     for v in reversed(repo.versions()):
         state = "stored"
@@ -249,6 +254,7 @@ async def list_models(request: web.Request) -> web.Response:
             "handler": r.get("handler"), "sha256": r.get("model_sha256"),
             "package": r.get("package"), "package_sha256": r.get("package_sha256"),
             "source": r.get("source"), "installed_at": r.get("installed_at"),
+            "last_problem": trouble.get(v.key),
         })
     return web.json_response({
         "active": active.info.public() if active else None,

@@ -68,14 +68,20 @@ async def import_model(pipeline: Pipeline, path: Path) -> None:
     """--model: copy a file, folder or zip into staging, run it through the pipeline, activate it."""
     if not path.exists():
         raise ImportFailed(f"--model {path}: no such file or folder")
-    # A dot-name in staging is ignored by the folder watcher: the pipeline gets it only from here.
-    copy = pipeline.staging_dir / f".import-{uuid.uuid4().hex[:8]}-{path.name}"
+    # A .tmp- folder in staging is ignored by the folder watcher (the pipeline gets the package
+    # only from here) and removed by the start-up repair if we crash; the package keeps its name.
+    holder = pipeline.staging_dir / f".tmp-import-{uuid.uuid4().hex[:8]}"
+    holder.mkdir()
+    copy = holder / path.name
     loop = asyncio.get_running_loop()
     if path.is_dir():
         await loop.run_in_executor(None, shutil.copytree, path, copy)
     else:
         await loop.run_in_executor(None, shutil.copyfile, path, copy)
-    version = await pipeline.process(copy, source="cli")
+    try:
+        version = await pipeline.process(copy, source="cli")
+    finally:
+        await loop.run_in_executor(None, shutil.rmtree, holder, True)
     if version is None:
         rejected = [e for e in pipeline.events.history if e.state == "rejected" and e.package == copy.name]
         reason = rejected[-1].reason if rejected else "see the log"

@@ -349,24 +349,30 @@ class Pipeline:
             await self._make_active(model, stored, source, package, stored.package_sha256)
             return stored
 
-    async def rollback(self, source: str = "api") -> InstalledVersion:
+    async def rollback(self, source: str = "api", reason: str | None = None) -> InstalledVersion:
         previous = self.repo.previous()
         if previous is None:
             raise Conflict("there is no previous version to roll back to")
+        left = self.engine.active
         version = await self.activate(previous.name, previous.version, source)
-        self._emit("rolled_back", source, version.record.get("package", ""),
-                   name=version.name, version=version.version)
+        came_from = f"from {left.info.name} {left.info.version}" if left else None
+        self._emit("rolled_back", source, version.record.get("package", ""), name=version.name,
+                   version=version.version, reason="; ".join(filter(None, [came_from, reason])) or None)
         return version
 
     def _on_failure_streak(self, model: LoadedModel, streak: int) -> None:
         if streak < self.settings.rollback_after_failures or self._rollback_task is not None:
             return
-        log.error("auto_rollback", model=model.info.name, version=model.info.version, failures=streak)
-        self._rollback_task = asyncio.get_running_loop().create_task(self._auto_rollback(), name="auto-rollback")
+        reason = f"the first {streak} requests after activation all failed"
+        self._emit("failed", "auto-rollback", model.info.path.name, name=model.info.name,
+                   version=model.info.version, reason=reason)
+        self._rollback_task = asyncio.get_running_loop().create_task(
+            self._auto_rollback(reason), name="auto-rollback"
+        )
 
-    async def _auto_rollback(self) -> None:
+    async def _auto_rollback(self, reason: str) -> None:
         try:
-            await self.rollback("auto-rollback")
+            await self.rollback("auto-rollback", reason)
         except Exception as exc:
             log.error("auto_rollback_failed", reason=str(exc))
         finally:

@@ -1,16 +1,18 @@
 """A thin asyncio face on the synchronous ``azure-iot-device`` module client.
 
-Every blocking SDK call runs on a small private thread pool with a timeout of our own (``get_twin``
-has none). The SDK calls its handlers on its own threads; they are handed to the event loop with
-``loop.call_soon_threadsafe`` and never touch asyncio objects directly.
+Every blocking SDK call runs in a daemon thread of its own, with a timeout of ours (``get_twin`` has
+none). The SDK may never complete a request whose answer was lost with the connection, not even at
+``shutdown()``; such a thread is abandoned, and being a daemon it cannot hold the process at exit
+(a ``ThreadPoolExecutor`` worker would: they are joined at exit). The SDK calls its handlers on its
+own threads; they are handed to the event loop with ``loop.call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,8 +55,8 @@ class HubClient:
     def __init__(self, client: IoTHubModuleClient, *, op_timeout: float = 30.0) -> None:
         self._client = client
         self.op_timeout = op_timeout
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="iothub")
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.in_flight = 0  # SDK calls whose thread has not returned (stuck ones included)
+        self._count_lock = threading.Lock()
 
     @classmethod
     def create(
@@ -82,13 +84,37 @@ class HubClient:
     def connected(self) -> bool:
         return bool(self._client.connected)
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    def _in_thread(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
-        # A call that outlives its timeout keeps its pool thread until the SDK gives up; the pool is
-        # small and private, so a stuck hub cannot starve the default executor.
-        return await asyncio.wait_for(
-            loop.run_in_executor(self._pool, fn, *args), self.op_timeout
-        )
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.done():  # timed out or cancelled meanwhile
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        def run() -> None:
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                error = exc
+            finally:
+                with self._count_lock:
+                    self.in_flight -= 1
+            self._post(loop, lambda: settle(result, error))
+
+        with self._count_lock:
+            self.in_flight += 1
+        threading.Thread(target=run, name=f"iothub-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+        return future
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wait_for(self._in_thread(fn, *args), self.op_timeout)
 
     async def connect(self) -> None:
         await self._call(self._client.connect)
@@ -139,9 +165,7 @@ class HubClient:
     async def shutdown(self, wait: float = 10.0) -> None:
         """Disconnect and stop the SDK's threads. ``shutdown()`` blocks, so it runs in its own thread."""
         try:
-            await asyncio.wait_for(asyncio.to_thread(self._client.shutdown), wait)
+            await asyncio.wait_for(self._in_thread(self._client.shutdown), wait)
         except Exception as exc:
             log.warning("iothub_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -95,7 +95,8 @@ def huge_png_header(width: int, height: int) -> bytes:
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    idat = chunk(b"IDAT", zlib.compress(b"\0" * 100))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize(
@@ -137,7 +138,8 @@ async def test_gif_sent_as_octet_stream_is_415(client: TestClient) -> None:
 
 
 async def test_health_readiness_and_open_inference_routes(client: TestClient) -> None:
-    for path in ("/healthz", "/v2/health/live", "/readyz", "/v2/health/ready", "/v2/models/blazeface-short-range/ready"):
+    paths = ("/healthz", "/v2/health/live", "/readyz", "/v2/health/ready", "/v2/models/blazeface-short-range/ready")
+    for path in paths:
         resp = await client.get(path)
         assert resp.status == 200, path
     meta = await (await client.get("/v2/models/blazeface-short-range")).json()
@@ -232,3 +234,40 @@ def test_unwritable_data_dir_is_a_clear_one_line_error(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "cannot write the data dir" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_model_flag_imports_and_activates_a_package_and_keeps_the_users_file(
+    aiohttp_client, tmp_path: Path
+) -> None:
+    from packages import ssd_files, write_zip
+
+    package = write_zip(tmp_path / "drop" / "tiny-ssd.zip", ssd_files("tiny-ssd", "7"))
+    settings = load_settings({"data_dir": tmp_path / "data", "twin": "off"}, env={})
+    client = await aiohttp_client(build_app(settings, import_path=package, services=False))
+    body = await (await client.get("/models")).json()
+    assert body["active"]["name"] == "tiny-ssd" and body["active"]["version"] == "7"
+    assert package.is_file(), "--model must not consume the operator's own file"
+    assert not any((tmp_path / "data" / "staging").iterdir()), "the import copy is cleaned up"
+
+
+async def test_model_flag_with_a_bad_package_refuses_to_start(tmp_path: Path) -> None:
+    from supervisor.app import ImportFailed, import_model
+    from supervisor.engine import Engine
+    from supervisor.events import EventBus
+    from supervisor.pipeline import Pipeline
+    from supervisor.repository import Repository
+
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip")
+    settings = load_settings({"data_dir": tmp_path / "data"}, env={})
+    repo = Repository(settings.data_dir)
+    repo.ensure_layout()
+    engine = Engine(workers=1)
+    try:
+        pipeline = Pipeline(settings, repo, engine, EventBus())
+        await pipeline.start()
+        with pytest.raises(ImportFailed, match="not a valid zip"):
+            await import_model(pipeline, bad)
+        assert engine.active is not None and engine.active.info.name == "blazeface-short-range"
+    finally:
+        engine.shutdown()

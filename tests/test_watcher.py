@@ -117,7 +117,7 @@ async def test_a_folder_copied_file_by_file(
     await wait_until(lambda: active_events(events), within=5, what="the folder package to activate")
     assert active_events(events) == [("tiny-ssd", "3")]
     assert "rejected" not in states(events)
-    assert not folder.exists()
+    await wait_until(lambda: not folder.exists(), within=2, what="the package to be removed after activation")
 
 
 async def test_partial_and_temp_names_are_left_alone(
