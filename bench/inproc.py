@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ class Bench:
         self.image = image
         decoded, _ = decode_image(image, model.handler.input_size, engine.max_image_pixels)
         self.feeds = model.handler.preprocess(decoded).feeds
+        self.bare_pool = ThreadPoolExecutor(4, thread_name_prefix="bare")
 
     async def run_engine(self, c: int, seconds: float) -> dict[str, Any]:
         latencies: list[float] = []
@@ -96,14 +98,14 @@ class Bench:
                 runtime.run(self.feeds)
                 out.append(time.perf_counter() - t)
 
-        threads_ = [threading.Thread(target=worker, args=(per_thread[i],)) for i in range(c)]
-        for th in threads_:
-            th.start()
+        # The same threads every time: TfliteRuntime keeps one interpreter per thread that ever
+        # called it, so fresh threads per measurement would pile up interpreters in this process.
+        futures = [self.bare_pool.submit(worker, per_thread[i]) for i in range(c)]
         end_box.append(time.perf_counter() + seconds + 0.05)
         cpu0, t0 = time.process_time(), time.perf_counter()
         start.wait()
-        for th in threads_:
-            th.join()
+        for f in futures:
+            f.result()
         result = self._result([x for lst in per_thread for x in lst], 0, time.perf_counter() - t0,
                               time.process_time() - cpu0)
         if threads is not None:

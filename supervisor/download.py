@@ -6,6 +6,10 @@ download resumes with ``Range`` and ``If-Match``/``If-Range`` on the ETag; a blo
 (412, or 200 instead of 206) starts over. Retries are bounded, with capped exponential backoff and
 jitter; an expired SAS (403) or a missing blob (404) fails at once with a reason, never in a loop.
 
+A download that is cancelled (the service stops) keeps its ``.part`` and a small ``.<FileName>.resume``
+note (the blob's ETag); the next download of the same blob re-hashes what is there and fetches only
+the rest. Both names are ignored by the staging watcher.
+
 ``commit`` hands a verified file to the update pipeline: the intent sidecar first, then the package.
 """
 
@@ -38,6 +42,7 @@ __all__ = [
     "commit",
     "parse_md5",
     "parse_sha256",
+    "resume_note_path",
 ]
 
 log = structlog.get_logger(__name__)
@@ -111,6 +116,22 @@ class _Sink:
         self.sha256 = hashlib.sha256()
         self.md5 = hashlib.md5(usedforsecurity=False)
 
+    def reopen(self) -> int:
+        """Continue an existing file: hash what it holds, then append. Returns its size."""
+        self.reset_hashes()
+        self.close()
+        self._file = open(self.path, "r+b")  # noqa: SIM115 - closed in close()
+        while block := self._file.read(1 << 20):
+            self.sha256.update(block)
+            self.md5.update(block)
+            self.size += len(block)
+        return self.size
+
+    def reset_hashes(self) -> None:
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
     def write(self, data: bytes) -> None:
         assert self._file is not None
         self._file.write(data)
@@ -174,31 +195,88 @@ class Download:
         self.total: int | None = expected_length
         self.attempts = 0
         self.etag: str | None = None
+        self.resumed_bytes = 0  # bytes kept from an earlier, interrupted run
         self._sink = _Sink(part_path)
+        self.resume_path = resume_note_path(part_path)
+        # What identifies the blob across runs: the URL without its query (a new SAS for the same blob
+        # may resume) and what the twin expects of it.
+        self._identity = {
+            "blob": redact_url(url).split("?", 1)[0], "sha256": sha256, "length": expected_length,
+        }
         self._log = log.bind(url=redact_url(url), file=part_path.name)
 
     async def run(self) -> DownloadResult:
-        """Download, verify and return the result; on any failure the ``.part`` file is removed."""
-        if self.expected_length is not None:
-            self._check_free_space(self.expected_length)
+        """Download, verify and return the result. On failure the ``.part`` file is removed; on
+        cancellation it is kept (with its resume note) when a later run can continue it."""
         own_session = self._session is None
         session = self._session or aiohttp.ClientSession()
         try:
-            await asyncio.to_thread(self._sink.reset)
+            self.resumed_bytes = await asyncio.to_thread(self._open)
+            self.bytes_done = self.resumed_bytes
+            if self.expected_length is not None:
+                self._check_free_space(self.expected_length - self.resumed_bytes)
             await self._fetch(session)
             await asyncio.to_thread(self._sink.finish)
-            result = self._verify()
+            try:
+                result = self._verify()
+            except DownloadError:
+                if not self.resumed_bytes:
+                    raise
+                # The kept part was bad (a power cut can leave junk at its end): once more, afresh.
+                self._log.warning("resumed_download_corrupt", resumed=self.resumed_bytes)
+                self.resumed_bytes = 0
+                await self._restart()
+                await self._fetch(session)
+                await asyncio.to_thread(self._sink.finish)
+                result = self._verify()
+        except asyncio.CancelledError:
+            keep = bool(self.etag and self.bytes_done)
+            await asyncio.shield(asyncio.to_thread(self._sink.close if keep else self._discard))
+            raise
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(self._sink.discard))
+            await asyncio.shield(asyncio.to_thread(self._discard))
             raise
         finally:
             if own_session:
                 await session.close()
+        await asyncio.to_thread(self.resume_path.unlink, missing_ok=True)
         self._log.info(
-            "download_verified", size=result.size, sha256=result.sha256,
-            bytes_fetched=result.bytes_fetched, attempts=result.attempts,
+            "download_verified", size=result.size, sha256=result.sha256, bytes_fetched=result.bytes_fetched,
+            attempts=result.attempts, resumed_from=self.resumed_bytes or None,
         )
         return result
+
+    def _discard(self) -> None:
+        self._sink.discard()
+        self.resume_path.unlink(missing_ok=True)
+
+    def _open(self) -> int:
+        """Start the ``.part`` file, or continue the one an interrupted run left. Blocking."""
+        try:
+            note = json.loads(self.resume_path.read_text("utf-8"))
+            usable = (
+                isinstance(note, dict) and note.get("identity") == self._identity
+                and isinstance(note.get("etag"), str) and not note["etag"].startswith("W/")
+                and self.part_path.is_file()
+            )
+        except (OSError, ValueError):
+            usable = False
+        if usable:
+            size = self._sink.reopen()
+            total = note.get("total")
+            if size and (not isinstance(total, int) or size <= total):
+                self.etag, self.total = note["etag"], total
+                self._log.info("download_resuming", kept=size, total=total)
+                return size
+        self.resume_path.unlink(missing_ok=True)
+        self._sink.reset()
+        return 0
+
+    def _write_note(self) -> None:
+        note = {"identity": self._identity, "etag": self.etag, "total": self.total}
+        tmp = self.resume_path.with_name(self.resume_path.name + ".part")
+        tmp.write_text(json.dumps(note), "utf-8")
+        os.replace(tmp, self.resume_path)
 
     async def _fetch(self, session: aiohttp.ClientSession) -> None:
         failures = 0  # consecutive attempts that brought no new byte
@@ -229,6 +307,7 @@ class Download:
     async def _restart(self) -> None:
         self.bytes_done = 0
         self.etag = None
+        self.total = self.expected_length
         await asyncio.to_thread(self._sink.reset)
 
     async def _attempt(self, session: aiohttp.ClientSession) -> None:
@@ -277,7 +356,7 @@ class Download:
             if self.etag and etag and etag != self.etag:
                 await self._restart()
                 raise DownloadError("blob changed during download (new ETag)", permanent=False)
-            self.etag = etag or self.etag
+            note_needed = etag is not None and etag != self.etag
             if total is not None:
                 if self.expected_length is not None and total != self.expected_length:
                     raise DownloadError(
@@ -287,6 +366,9 @@ class Download:
                 if self.total is None:
                     self._check_free_space(total - self.bytes_done)
                 self.total = total
+            if note_needed:
+                self.etag = etag
+                await asyncio.to_thread(self._write_note)
 
             await self._stream(resp.content, offset)
             if self.total is None:
@@ -365,6 +447,12 @@ class Download:
             attempts=self.attempts,
             etag=self.etag,
         )
+
+
+def resume_note_path(part: Path) -> Path:
+    """``<staging>/.<FileName>.resume`` for ``<staging>/<FileName>.part`` (a dot-name: never a package)."""
+    stem = part.name.removesuffix(".part")
+    return part.with_name(f".{stem}.resume")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -179,7 +179,11 @@ class Pipeline:
 
     def active(self) -> ModelEvent | None:
         model = self.engine.active
-        return self._active_event(model, "startup", "") if model else None
+        if model is None:
+            return None
+        stored = self.repo.get(model.info.name, model.info.version)
+        record = stored.record if stored else {}
+        return self._active_event(model, "startup", record.get("package") or "", record.get("package_sha256"))
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.engine.executor, fn, *args)

@@ -1,4 +1,4 @@
-"""Reported properties and output messages that survive an offline hub.
+"""Reported properties and output messages: what is reported, and sending it through an offline hub.
 
 While the module is disconnected the SDK fails ``patch_twin_reported_properties`` and
 ``send_message_to_output`` at once (``ConnectionFailedError``); nothing is queued. ``Reporter`` keeps
@@ -10,16 +10,65 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
 from azure.iot.device import exceptions as iot_errors
 
+from supervisor.events import ModelEvent
 from supervisor.redact import redact
 
-__all__ = ["Reporter", "merge_patch"]
+__all__ = ["OUTPUT_NAME", "Reporter", "active_patch", "merge_patch", "model_output", "status_patch"]
 
 log = structlog.get_logger(__name__)
+
+OUTPUT_NAME = "DLModelOutput"
+
+
+# -- what is reported (the contract in docs/twin.md) ----------------------------------------------------
+def status_patch(
+    state: str,
+    *,
+    file_name: str | None,
+    desired_version: int | None,
+    reason: str | None = None,
+    bytes_done: int | None = None,
+    bytes_total: int | None = None,
+) -> dict[str, Any]:
+    """The ``ModelUpdate`` status of one desired request, as a reported-properties patch."""
+    status: dict[str, Any] = {
+        "State": state,
+        "FileName": file_name,
+        "DesiredVersion": desired_version,
+        "Reason": reason,  # None deletes the reason of an earlier failure
+        "Timestamp": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    }
+    if bytes_done is not None:
+        status["BytesDone"] = bytes_done
+        status["BytesTotal"] = bytes_total
+    return {"ModelUpdate": status}
+
+
+def active_patch(event: ModelEvent) -> dict[str, Any]:
+    """The active model (from an 'active' event), as a reported-properties patch."""
+    patch: dict[str, Any] = {"ModelUpdate": {"ActiveModel": {
+        "Name": event.name, "Version": event.version, "SHA256": event.model_sha256,
+    }}}
+    if event.package:  # the package the active model came from, when known
+        patch["LatestAIModelFileName"] = event.package
+    return patch
+
+
+def model_output(event: ModelEvent) -> dict[str, Any]:
+    """The ``DLModelOutput`` message body for a model that became active (paths relative to the data dir)."""
+    return {
+        "local_model_path": event.model_path,
+        "local_labelmap_path": event.labels_path,
+        "model_name": event.name,
+        "model_version": event.version,
+        "model_sha256": event.model_sha256,
+    }
 
 
 class _Hub(Protocol):

@@ -12,28 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import structlog
 
-from supervisor.download import Download, DownloadError, DownloadResult, commit, parse_md5, parse_sha256
+from supervisor.download import Download, DownloadError, DownloadResult, commit, resume_note_path
 from supervisor.events import EventBus, ModelEvent
 from supervisor.redact import redact, redact_url
-from supervisor.reporter import Reporter, merge_patch
+from supervisor.reporter import OUTPUT_NAME, Reporter, active_patch, merge_patch, model_output, status_patch
 from supervisor.twin_client import RETRYABLE, HubClient, describe_mode
+from supervisor.twinpatch import DesiredModel
 
 __all__ = ["OUTPUT_NAME", "DesiredModel", "TwinService", "Updates"]
 
 log = structlog.get_logger(__name__)
 
-OUTPUT_NAME = "DLModelOutput"
 _FINAL = frozenset({"active", "stored", "rejected", "duplicate", "failed"})
 _NOT_RETRIED = frozenset({"failed", "rolled_back"})
 
@@ -41,9 +37,14 @@ _NOT_RETRIED = frozenset({"failed", "rolled_back"})
 class Updates(Protocol):
     """What the twin needs from the update pipeline and the repository."""
 
-    events: EventBus
-    staging_dir: Path
-    data_dir: Path
+    @property
+    def events(self) -> EventBus: ...
+
+    @property
+    def staging_dir(self) -> Path: ...
+
+    @property
+    def data_dir(self) -> Path: ...
 
     def find_package(self, sha256: str) -> tuple[str, str] | None:
         """(name, version) installed from a package with this SHA-256, or None."""
@@ -55,74 +56,22 @@ class Updates(Protocol):
         """Make an installed model active; raises on failure; publishes events."""
 
 
-def _as_bool(value: Any, field: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise ValueError(f"{field} must be true or false")
-
-
-@dataclass(frozen=True)
-class DesiredModel:
-    """The model package the desired properties ask for."""
-
-    file_name: str
-    url: str
-    sha256: str | None
-    md5: bytes | None
-    length: int | None
-    name: str | None
-    version: str | None
-    activate: bool
-    desired_version: int | None
-
-    @classmethod
-    def parse(cls, desired: Mapping[str, Any]) -> DesiredModel | None:
-        """None when no model is asked for; ValueError with a reportable reason when malformed."""
-        file_name, url = desired.get("FileName"), desired.get("DownloadUrl")
-        if not file_name and not url:
-            return None
-        if not isinstance(file_name, str) or not file_name:
-            raise ValueError("FileName is missing")
-        if (
-            "/" in file_name or "\\" in file_name or file_name.startswith(".") or len(file_name) > 200
-            or file_name.endswith((".part", ".intent.json")) or not file_name.isprintable()
-        ):
-            raise ValueError("FileName must be a plain file name")
-        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
-            raise ValueError("DownloadUrl must be an http(s) URL")
-        if not urlsplit(url).hostname:
-            raise ValueError("DownloadUrl must be an http(s) URL")
-        sha = desired.get("ContentSHA256")
-        md5 = desired.get("ContentMD5")
-        if not sha and not md5:
-            raise ValueError("ContentSHA256 or ContentMD5 is required")
-        length = desired.get("ContentLength")
-        if length is not None:
-            if isinstance(length, bool) or not re.fullmatch(r"\d+", str(length)):
-                raise ValueError("ContentLength must be a whole number of bytes")
-            length = int(length)
-        version = desired.get("$version")
-        return cls(
-            file_name=file_name,
-            url=url,
-            sha256=parse_sha256(str(sha)) if sha else None,
-            md5=parse_md5(str(md5)) if md5 else None,
-            length=length,
-            name=str(desired["ModelName"]) if desired.get("ModelName") else None,
-            version=str(desired["ModelVersion"]) if desired.get("ModelVersion") else None,
-            activate=_as_bool(desired.get("Activate", True), "Activate"),
-            desired_version=version if isinstance(version, int) else None,
-        )
-
-    def same_target(self, other: DesiredModel) -> bool:
-        """Same bytes and the same outcome asked for (a new SAS on the same blob counts as the same)."""
-        return replace(self, url="", desired_version=None) == replace(other, url="", desired_version=None)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+def _clean_staging(staging: Path, keep: set[str]) -> None:
+    """Remove what interrupted downloads left in staging (``*.part`` files and resume notes), except
+    ``keep``: a request that no longer is desired must not hold disk space. Blocking."""
+    try:
+        entries = list(os.scandir(staging))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        name = entry.name
+        stale = name.endswith(".part") or (name.startswith(".") and name.endswith(".resume"))
+        if stale and name not in keep and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                log.info("staging_stale_removed", file=name)
+            except OSError as exc:
+                log.warning("staging_cleanup_failed", file=name, error=str(exc))
 
 
 class TwinService:
@@ -169,6 +118,7 @@ class TwinService:
         self._job_req: DesiredModel | None = None
         self._waiters: dict[str, asyncio.Queue[ModelEvent]] = {}
         self._last_state: str | None = None
+        self._stale_cleanup: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------------------------- lifecycle
     async def run(self) -> None:
@@ -306,6 +256,9 @@ class TwinService:
         if request is None:
             log.info("desired_no_model", version=version)
             self._cancel_job()
+            self._stale_cleanup = asyncio.create_task(
+                asyncio.to_thread(_clean_staging, Path(self.updates.staging_dir), set())
+            )
             return
         log.info("desired_model", version=version, file=request.file_name, url=redact_url(request.url),
                  sha256=request.sha256, activate=request.activate)
@@ -359,7 +312,9 @@ class TwinService:
 
     async def _download(self, request: DesiredModel) -> DownloadResult:
         staging = Path(self.updates.staging_dir)
+        part = staging / f"{request.file_name}.part"
         await asyncio.to_thread(staging.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(_clean_staging, staging, {part.name, resume_note_path(part).name})
         last = 0.0
 
         def progress(done: int, total: int | None) -> None:
@@ -372,7 +327,7 @@ class TwinService:
         self._report_status("downloading", bytes_done=0, bytes_total=request.length)
         last = time.monotonic()
         download = Download(
-            request.url, staging / f"{request.file_name}.part", expected_length=request.length,
+            request.url, part, expected_length=request.length,
             sha256=request.sha256, md5=request.md5, progress=progress, **self._download_options,
         )
         self.last_download = download
@@ -449,59 +404,39 @@ class TwinService:
         desired_version: int | None = None,
     ) -> None:
         request = self._job_req
-        status: dict[str, Any] = {
-            "State": state,
-            "FileName": file_name if file_name is not None else request and request.file_name,
-            "DesiredVersion": desired_version if desired_version is not None
-            else request and request.desired_version,
-            "Reason": redact(reason) if reason else None,  # None deletes a stale reason
-            "Timestamp": _now(),
-        }
-        if bytes_done is not None:
-            status["BytesDone"] = bytes_done
-            status["BytesTotal"] = bytes_total
+        status = status_patch(
+            state,
+            file_name=file_name if file_name is not None else request.file_name if request else None,
+            desired_version=(
+                desired_version if desired_version is not None else request.desired_version if request else None
+            ),
+            reason=redact(reason) if reason else None,
+            bytes_done=bytes_done,
+            bytes_total=bytes_total,
+        )
         self._last_state = state
-        log.info("model_update_status", **{k: v for k, v in status.items() if v is not None})
-        patch: dict[str, Any] = {"ModelUpdate": status}
+        log.info("model_update_status", **{k: v for k, v in status["ModelUpdate"].items() if v is not None})
         active = self.updates.active() if state == "active" else None
         if active is not None:
             # One patch: whoever reads "active" also reads which model it is.
-            patch = merge_patch(self._active_patch(active), patch)
+            status = merge_patch(active_patch(active), status)
         assert self.reporter is not None
-        self.reporter.report(patch)
-
-    @staticmethod
-    def _active_patch(event: ModelEvent) -> dict[str, Any]:
-        patch: dict[str, Any] = {"ModelUpdate": {"ActiveModel": {
-            "Name": event.name, "Version": event.version, "SHA256": event.model_sha256,
-        }}}
-        if event.package:  # the package the active model came from, when known
-            patch["LatestAIModelFileName"] = event.package
-        return patch
+        self.reporter.report(status)
 
     def _report_active(self, event: ModelEvent, send_message: bool = True) -> None:
         assert self.reporter is not None
-        self.reporter.report(self._active_patch(event))
+        self.reporter.report(active_patch(event))
         if send_message:
-            body = {
-                "local_model_path": event.model_path,
-                "local_labelmap_path": event.labels_path,
-                "model_name": event.name,
-                "model_version": event.version,
-                "model_sha256": event.model_sha256,
-            }
-            self.reporter.send_output(OUTPUT_NAME, body)
+            self.reporter.send_output(OUTPUT_NAME, model_output(event))
 
     async def _watch_events(self) -> None:
         async for event in self.updates.events.subscribe():
             if event.state == "active":
                 self._report_active(event)
             elif event.state == "rolled_back":
-                active = self.updates.active()
-                if active is not None:
-                    self._report_active(active)
-                # The event names the version now active: if the twin's package was active, it is not
-                # any more; report it, so that a restart does not activate it again.
+                # The 'active' event of the version rolled back to came first (and was reported). This one
+                # names the version now active: if the twin's package was active, it is not any more.
+                # Report it, so that a restart does not activate it again.
                 request = self._job_req
                 if (
                     request is not None and self._job is not None and self._job.done()

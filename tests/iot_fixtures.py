@@ -89,7 +89,9 @@ def random_loopback_ip() -> str:
     raise RuntimeError("no free 127.x.y.z:8883")
 
 
-async def eventually(predicate: Callable[[], Any], within: float, what: str, interval: float = 0.05) -> Any:
+async def eventually(
+    predicate: Callable[[], Any], within: float, what: str | Callable[[], str], interval: float = 0.05
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``within`` seconds."""
     deadline = time.monotonic() + within
     while True:
@@ -97,7 +99,8 @@ async def eventually(predicate: Callable[[], Any], within: float, what: str, int
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {within} s waiting for {text}")
         await asyncio.sleep(interval)
 
 
@@ -494,8 +497,9 @@ class HubSimulator:
                 return status
             return None
 
-        return await eventually(check, within, f"ModelUpdate.State == {state!r} (version {version}); "
-                                                f"now {self.status()}")
+        return await eventually(
+            check, within, lambda: f"ModelUpdate.State == {state!r} (version {version}); now {self.status()}"
+        )
 
 
 @dataclass

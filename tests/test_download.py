@@ -180,15 +180,55 @@ async def test_stalled_transfer_times_out_and_resumes(tmp_path: Path, blob_store
     assert time.monotonic() - started < 5
 
 
-async def test_cancel_removes_the_part_file(tmp_path: Path, blob_store, blob_proxy) -> None:
-    blob_store.upload("m.zip", _package(MiB))
-    blob_proxy.throttle(200_000)
+async def test_cancelled_download_resumes_in_a_later_run(tmp_path: Path, blob_store, blob_proxy) -> None:
+    """The service stops mid-download; after the restart only the rest is fetched (even with a new SAS)."""
+    data = _package(MiB)
+    blob_store.upload("m.zip", data)
+    blob_proxy.throttle(400_000)
     part = tmp_path / "m.zip.part"
-    download = Download(blob_store.sas_url("m.zip", via=blob_proxy), part, **_fast())
-    task = asyncio.create_task(download.run())
-    await eventually(lambda: download.bytes_done > 0, 10, "the first bytes")
-    assert part.exists()
+    sha = hashlib.sha256(data).hexdigest()
+    first = Download(blob_store.sas_url("m.zip", via=blob_proxy), part, sha256=sha, **_fast())
+    task = asyncio.create_task(first.run())
+    await eventually(lambda: first.bytes_done > 200_000, 10, "some bytes")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert not part.exists() and os.listdir(tmp_path) == []
+    kept = part.stat().st_size
+    assert kept >= 200_000 and sorted(os.listdir(tmp_path)) == [".m.zip.resume", "m.zip.part"]
+
+    blob_proxy.throttle(None)
+    second = Download(blob_store.sas_url("m.zip", via=blob_proxy, expires_in=7200), part, sha256=sha, **_fast())
+    result = await second.run()
+    assert result.path.read_bytes() == data and second.resumed_bytes == kept
+    assert result.bytes_fetched == len(data) - kept  # only the rest crossed the network
+    assert os.listdir(tmp_path) == ["m.zip.part"]  # the resume note is gone
+
+
+async def test_resume_note_for_another_blob_is_not_used(tmp_path: Path, blob_store, blob_proxy) -> None:
+    old, new = _package(MiB, seed=3), _package(MiB, seed=4)
+    blob_store.upload("m.zip", old)
+    blob_proxy.throttle(400_000)
+    part = tmp_path / "m.zip.part"
+    first = Download(blob_store.sas_url("m.zip", via=blob_proxy), part, **_fast())
+    task = asyncio.create_task(first.run())
+    await eventually(lambda: first.bytes_done > 100_000, 10, "some bytes")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    blob_proxy.throttle(None)
+    blob_store.upload("m.zip", new)  # same name, new bytes: the kept ETag no longer matches
+    result = await Download(blob_store.sas_url("m.zip", via=blob_proxy), part, **_fast()).run()
+    assert result.path.read_bytes() == new
+
+
+async def test_cancel_before_any_byte_leaves_nothing(tmp_path: Path, blob_store, blob_proxy) -> None:
+    blob_store.upload("m.zip", b"x" * 1000)
+    blob_proxy.refuse()
+    download = Download(blob_store.sas_url("m.zip", via=blob_proxy), tmp_path / "m.zip.part",
+                        **_fast(retries=50, backoff_base=0.5))
+    task = asyncio.create_task(download.run())
+    await eventually(lambda: download.attempts >= 1, 5, "a first attempt")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert os.listdir(tmp_path) == []

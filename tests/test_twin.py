@@ -94,8 +94,8 @@ class ScriptedPipeline:
     async def run(self) -> None:
         while True:
             for entry in sorted(os.listdir(self.staging_dir)):
-                if entry.endswith((".part", ".intent.json")):
-                    continue
+                if entry.startswith(".") or entry.endswith((".part", ".intent.json")):
+                    continue  # as the real watcher: temp files, sidecars and dot-names are not packages
                 path = self.staging_dir / entry
                 intent_path = self.staging_dir / f"{entry}.intent.json"
                 intent = json.loads(intent_path.read_text()) if intent_path.exists() else {}
@@ -143,7 +143,8 @@ class Rig:
             "download_retries": 3, "download_backoff": (0.1, 0.5), "download_read_timeout": 5.0,
             "connection_retry_interval": 1,
         }
-        self.service = TwinService(settings, self.pipeline, env=hub.env, **(defaults | options))
+        env = options.pop("env", hub.env)
+        self.service = TwinService(settings, self.pipeline, env=env, **(defaults | options))
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> Rig:
@@ -249,6 +250,27 @@ async def test_download_cut_at_half_resumes(rig: Rig, blob_proxy: FaultProxy) ->
           f"on the wire {blob_proxy.bytes_down} B")
 
 
+async def test_restart_mid_download_resumes_from_the_kept_part(iot_hub: IotHub, blob_store: BlobStore,
+                                                                tmp_path: Path, blob_proxy: FaultProxy) -> None:
+    data = package_bytes(1024 * KiB, "restart")
+    first = await Rig(iot_hub, blob_store, tmp_path).start()
+    blob_proxy.throttle(512 * KiB)
+    version = iot_hub.sim.set_desired(first.desired_for("r-1.zip", data, via=blob_proxy))
+    await eventually(lambda: first.service.last_download and first.service.last_download.bytes_done > 256 * KiB,
+                     10, "part of the download")
+    await first.stop()  # the module restarts (image update, power cycle of the service)
+    kept = (first.pipeline.staging_dir / "r-1.zip.part").stat().st_size
+    blob_proxy.throttle(None)
+    second = await Rig(iot_hub, blob_store, tmp_path).start()
+    try:
+        await iot_hub.sim.wait_status("active", version)
+        download = second.service.last_download
+        assert download is not None and download.resumed_bytes == kept > 0
+        assert download.bytes_fetched == len(data) - kept
+    finally:
+        await second.stop()
+
+
 async def test_failures_are_reported_once_and_not_retried(rig: Rig, blob_proxy: FaultProxy,
                                                           iot_hub: IotHub, tmp_path: Path) -> None:
     blobs = rig.blobs
@@ -331,12 +353,29 @@ async def test_newer_desired_supersedes_a_running_download(rig: Rig, blob_proxy:
     assert status["FileName"] == "fast-2.zip"
     assert rig.pipeline.received == ["fast-2.zip"]
     staged = os.listdir(rig.pipeline.staging_dir)
-    assert not any(name.startswith("slow-1.zip") for name in staged), staged
+    assert not any("slow-1.zip" in name for name in staged), staged  # its .part and resume note too
     assert first < second and rig.service.last_download is not None
     assert rig.service.last_download.url.startswith(rig.blobs.azurite.endpoint)  # the slow one was dropped
     # Progress is throttled: at most one 'downloading' report per progress_interval (0.5 s).
     downloading = [p for p in rig.sim.states() if p == "downloading"]
     assert 1 <= len(downloading) <= 2 + 2 * 3  # the first report plus at most 2/s for ~3 s
+
+
+async def test_fresh_sas_during_a_download_resumes_it(rig: Rig, blob_proxy: FaultProxy) -> None:
+    data = package_bytes(1024 * KiB, "sas")
+    blob_proxy.throttle(512 * KiB)
+    desired = rig.desired_for("sas-1.zip", data, via=blob_proxy)
+    rig.sim.set_desired(desired)
+    await eventually(lambda: rig.service.last_download and rig.service.last_download.bytes_done > 256 * KiB,
+                     10, "part of the download")
+    first = rig.service.last_download
+    blob_proxy.throttle(None)
+    fresh = rig.blobs.sas_url("sas-1.zip", via=blob_proxy, expires_in=7200)
+    version = rig.sim.set_desired({"DownloadUrl": fresh})
+    await rig.sim.wait_status("active", version)
+    second = rig.service.last_download
+    assert second is not first and second is not None and second.resumed_bytes > 0
+    assert first is not None and first.bytes_fetched + second.bytes_fetched <= len(data) + 64 * KiB
 
 
 async def test_reported_update_made_offline_arrives_after_reconnect(rig: Rig) -> None:
@@ -357,6 +396,28 @@ async def test_reported_update_made_offline_arrives_after_reconnect(rig: Rig) ->
     assert rig.sim.reported_copy()["ModelUpdate"]["ActiveModel"]["Version"] == "7"
 
 
+async def test_iot_edge_environment_connects_through_the_gateway(
+    iot_hub: IotHub, blob_store: BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On IoT Edge the module connects through edgeHub (create_from_edge_environment). The SDK's
+    simulator form of that environment: EdgeHubConnectionString + EdgeModuleCACertificateFile."""
+    edge = {
+        "EdgeHubConnectionString": f"HostName={iot_hub.ip};DeviceId=dev1;ModuleId=loader;"
+        f"SharedAccessKey=dGVzdGtleXRlc3RrZXl0ZXN0a2V5dGVzdGtleQ==;GatewayHostName={iot_hub.ip}",
+        "EdgeModuleCACertificateFile": str(iot_hub.ca_file),
+    }
+    for key, value in edge.items():
+        monkeypatch.setenv(key, value)
+    rig = Rig(iot_hub, blob_store, tmp_path, settings=Settings(data_dir=tmp_path / "data"), env=edge)
+    rig.service.settings = rig.service.settings.replace(connection_string=None)
+    await rig.start()
+    try:
+        version = rig.sim.set_desired(rig.desired_for("edge-1.zip", package_bytes(20 * KiB, "edge")))
+        await rig.sim.wait_status("active", version)
+    finally:
+        await rig.stop()
+
+
 async def test_standalone_mode_runs_without_a_hub(tmp_path: Path) -> None:
     pipeline = ScriptedPipeline(tmp_path)
     service = TwinService(Settings(data_dir=tmp_path), pipeline, env={})
@@ -368,6 +429,45 @@ async def test_standalone_mode_runs_without_a_hub(tmp_path: Path) -> None:
         await task
 
 
+def test_twin_patch_cli_prints_the_desired_properties(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import base64
+
+    from supervisor.twinpatch import main
+
+    package = tmp_path / "ssd-3.zip"
+    package.write_bytes(b"package bytes" * 1000)
+    url = "https://acct.blob.core.windows.net/models/ssd-3.zip?sv=1&sp=r&sig=SECRET"
+    assert main([str(package), "--url", url, "--name", "ssd", "--version", "3"]) == 0
+    out, err = capsys.readouterr()
+    desired = json.loads(out)
+    data = package.read_bytes()
+    assert desired == {
+        "FileName": "ssd-3.zip", "DownloadUrl": url, "ContentSHA256": hashlib.sha256(data).hexdigest(),
+        "ContentMD5": base64.b64encode(hashlib.md5(data).digest()).decode(), "ContentLength": len(data),
+        "Activate": True, "ModelName": "ssd", "ModelVersion": "3",
+    }
+    assert "SECRET" not in err  # the summary on stderr names the blob, not the signature
+    parsed = DesiredModel.parse(desired)
+    assert parsed is not None and parsed.sha256 == desired["ContentSHA256"]  # the module accepts it
+
+    assert main([str(package), "--url", url, "--wrap", "--no-activate"]) == 0
+    wrapped = json.loads(capsys.readouterr().out)
+    assert wrapped["properties"]["desired"]["Activate"] is False
+    assert main([str(tmp_path / "missing.zip"), "--url", url]) == 2
+    assert main([str(package), "--url", "ftp://host/x.zip"]) == 2
+
+
+def test_missing_test_services_fail_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    import iot_fixtures  # already loaded (and assertion-rewritten) through pytest_plugins
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="install-test-services"):
+        iot_fixtures.require_tool("no-such-broker-here")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        iot_fixtures.require_tool("no-such-broker-here")
+
+
 def test_desired_model_parsing() -> None:
     sha = hashlib.sha256(b"x").hexdigest()
     base = {"FileName": "m-1.zip", "DownloadUrl": "https://a.blob.core.windows.net/c/m.zip?sig=x",
@@ -376,9 +476,12 @@ def test_desired_model_parsing() -> None:
     assert model is not None
     assert (model.sha256, model.length, model.activate, model.desired_version) == (sha, 12, False, 7)
     assert DesiredModel.parse({"$version": 3, "Other": 1}) is None
-    assert model.same_target(DesiredModel.parse(dict(base, DownloadUrl="https://b/c?sig=y")))  # type: ignore[arg-type]
+    assert model.same_target(DesiredModel.parse(dict(base, **{"$version": 8})))  # type: ignore[arg-type]
+    # A new URL (a fresh SAS) restarts the job, which resumes from the kept .part.
+    assert not model.same_target(DesiredModel.parse(dict(base, DownloadUrl="https://b/c?sig=y")))  # type: ignore[arg-type]
     for bad in ({"FileName": "../evil.zip"}, {"FileName": ".hidden"}, {"DownloadUrl": "ftp://x/y"},
-                {"ContentLength": -1}, {"ContentMD5": "nope"}, {"Activate": "perhaps"}):
+                {"ContentLength": -1}, {"ContentLength": 0}, {"ContentLength": 1.5}, {"ContentMD5": "nope"},
+                {"Activate": "perhaps"}, {"ContentSHA256": "12" * 31}):
         with pytest.raises(ValueError):
             DesiredModel.parse(dict(base, **bad))
 
