@@ -113,7 +113,14 @@ async def _twin_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     from supervisor.twin import TwinService
 
-    service = TwinService(settings, app[PIPELINE])
+    service = TwinService(
+        settings,
+        app[PIPELINE],
+        progress_interval=settings.twin_progress_seconds,
+        twin_timeout=settings.twin_timeout_seconds,
+        download_retries=settings.download_retries,
+        download_read_timeout=settings.download_read_timeout_seconds,
+    )
     async with supervised("twin-watcher", service.run):
         yield
 

@@ -41,6 +41,10 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     twin: str = "auto"
+    twin_progress_seconds: float = 5.0
+    twin_timeout_seconds: float = 30.0
+    download_retries: int = 5
+    download_read_timeout_seconds: float = 30.0
     connection_string: str | None = None
     bundled_model: Path = BUNDLED_MODEL_DIR
 
