@@ -160,6 +160,9 @@ class Engine:
         self.max_image_pixels = max_image_pixels
         self.default_threshold = default_threshold
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="infer")
+        # Loading, unpacking and hashing get their own thread: on the inference pool a model load
+        # took one of the workers for its whole duration and showed up in the p99 during swaps.
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._active: LoadedModel | None = None
         # Called (on the loop) with the model whose requests keep failing right after activation.
         self.on_failure_streak: Callable[[LoadedModel, int], None] | None = None
@@ -175,7 +178,7 @@ class Engine:
     async def load(self, folder: Path, manifest: Manifest | None = None) -> LoadedModel:
         """Load and warm up a model in the pool; the active model keeps serving meanwhile."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._load_and_warm, folder, manifest)
+        return await loop.run_in_executor(self.loader, self._load_and_warm, folder, manifest)
 
     def _load_and_warm(self, folder: Path, manifest: Manifest | None) -> LoadedModel:
         return load_and_warm(folder, self.default_threshold, self.runtime_threads, manifest)
@@ -294,4 +297,5 @@ class Engine:
         return out
 
     def shutdown(self) -> None:
+        self.loader.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True, cancel_futures=True)

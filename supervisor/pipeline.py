@@ -186,7 +186,7 @@ class Pipeline:
         return self._active_event(model, "startup", record.get("package") or "", record.get("package_sha256"))
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.engine.executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.engine.loader, fn, *args)
 
     def _emit(self, state: State, source: str, package: str, **fields: Any) -> None:
         self.events.publish(ModelEvent(state=state, source=source, package=package, **fields))
