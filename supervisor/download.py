@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 import aiohttp
 import structlog
 
+from supervisor.fsutil import fsync_dir
 from supervisor.redact import redact, redact_url
 
 __all__ = [
@@ -455,14 +456,6 @@ def resume_note_path(part: Path) -> Path:
     return part.with_name(f".{stem}.resume")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit(part: Path, dest: Path, intent: dict[str, Any] | None = None) -> None:
     """Hand a verified file to the pipeline: ``<dest>.intent.json`` first, then ``part`` -> ``dest``.
 
@@ -478,4 +471,4 @@ def commit(part: Path, dest: Path, intent: dict[str, Any] | None = None) -> None
             os.fsync(f.fileno())
         os.replace(tmp, sidecar)
     os.replace(part, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)

@@ -153,8 +153,8 @@ def pack_main(argv: list[str]) -> int:
 
 def _verify(package: Path, config: Path | None, as_json: bool, label: str | None = None) -> int:
     # Imported here: the runtimes are heavy and `pack --help` should not wait for them.
-    from supervisor.pipeline import validate_package
     from supervisor.settings import load_settings
+    from supervisor.validation import validate_package
 
     try:
         settings = load_settings(config_file=config)

@@ -9,142 +9,39 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import json
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
 from supervisor.archive import ArchiveLimits, unpack_package
-from supervisor.engine import Engine, LoadedModel, load_and_warm
+from supervisor.engine import Engine, LoadedModel
 from supervisor.errors import Conflict, ModelInvalid, NotFound
 from supervisor.events import EventBus, ModelEvent, State
-from supervisor.package import Manifest, PackageError, file_sha256, read_manifest, verify_files
+from supervisor.package import PackageError, read_manifest
 from supervisor.quarantine import Quarantine
 from supervisor.repository import TMP_PREFIX, InstalledVersion, Repository
 from supervisor.settings import Settings
+from supervisor.validation import (
+    Intent,
+    check_package_checksums,
+    package_sha256,
+    read_intent,
+    sidecars,
+    stage_package,
+)
 
-__all__ = [
-    "INTENT_SUFFIX",
-    "Pipeline",
-    "Validated",
-    "check_package_checksums",
-    "package_sha256",
-    "read_intent",
-    "stage_package",
-    "validate_package",
-]
+__all__ = ["Pipeline"]
 
 log = structlog.get_logger(__name__)
 
-INTENT_SUFFIX = ".intent.json"
 ACTIVATED_MARKER = ".activated"
 T = TypeVar("T")
-
-
-def package_sha256(path: Path) -> str:
-    """SHA-256 of a package: of the file, or of a folder's files (names and bytes, sorted)."""
-    if path.is_file():
-        return file_sha256(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode())
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Intent:
-    """What the sender wants done with a package (sidecars beside it; all optional)."""
-
-    source: str
-    activate: bool | None = None  # None: as the manifest says
-    sha256: str | None = None
-    md5: str | None = None
-    name: str | None = None
-    version: str | None = None
-
-
-def read_intent(package: Path, source: str) -> Intent:
-    """``<pkg>.intent.json`` (written by the twin) or ``<pkg>.sha256`` (beside a dropped package)."""
-    intent_path = package.with_name(package.name + INTENT_SUFFIX)
-    if intent_path.is_file():
-        try:
-            raw = json.loads(intent_path.read_text("utf-8"))
-            return Intent(
-                source=str(raw.get("source", source)),
-                activate=raw.get("activate"),
-                sha256=raw.get("sha256"),
-                md5=raw.get("md5"),
-                name=raw.get("name"),
-                version=raw.get("version"),
-            )
-        except (OSError, ValueError, AttributeError):
-            log.warning("intent_unreadable", package=package.name)
-    sha_path = package.with_name(package.name + ".sha256")
-    if sha_path.is_file():
-        text = sha_path.read_text("utf-8", "replace").split()
-        return Intent(source=source, sha256=text[0].lower() if text else None)
-    md5_path = package.with_name(package.name + ".md5")
-    if md5_path.is_file():
-        text = md5_path.read_text("utf-8", "replace").split()
-        return Intent(source=source, md5=text[0].lower() if text else None)
-    return Intent(source=source)
-
-
-def sidecars(package: Path) -> list[Path]:
-    return [package.with_name(package.name + s) for s in (INTENT_SUFFIX, ".sha256", ".md5")]
-
-
-def check_package_checksums(package: Path, sha: str, intent: Intent) -> None:
-    """The whole package against the SHA-256 / MD5 its sender gave (sidecar or intent). Blocking."""
-    if intent.sha256 and intent.sha256 != sha:
-        raise PackageError(f"package SHA-256 is {sha[:12]}…, expected {intent.sha256[:12]}…")
-    if intent.md5 and package.is_file():
-        md5 = _file_md5(package)
-        if md5 != intent.md5:
-            raise PackageError(f"package MD5 is {md5}, expected {intent.md5}")
-
-
-def stage_package(package: Path, workdir: Path, limits: ArchiveLimits, intent: Intent, sha: str) -> Manifest:
-    """Unpack ``package`` safely into the empty ``workdir``, read its manifest and check every file
-    the manifest lists against its SHA-256. Blocking. Raises PackageError with the reason."""
-    unpack_package(package, workdir, limits)
-    stem = package.name.split(".")[0] if package.is_file() else package.name
-    manifest = read_manifest(workdir, intent.name or stem, intent.version or sha[:12])
-    verify_files(workdir, manifest)
-    return manifest
-
-
-@dataclass(frozen=True)
-class Validated:
-    """A package that passed every check (``validate_package``); its model is loaded and warm."""
-
-    sha256: str
-    intent: Intent
-    manifest: Manifest
-    model: LoadedModel
-
-
-def validate_package(package: Path, workdir: Path, settings: Settings, source: str = "cli") -> Validated:
-    """Every check the pipeline makes before a package may become active, without a repository:
-    checksums, archive safety, manifest, per-file hashes, model load, handler, labels, warm-up.
-    Blocking (``edgeloader verify``). The caller owns ``workdir`` and closes ``model.runtime``."""
-    if package.is_symlink():
-        raise PackageError("the package is a symlink; drop the file or folder itself")
-    intent = read_intent(package, source)
-    sha = package_sha256(package)
-    check_package_checksums(package, sha, intent)
-    limits = ArchiveLimits(settings.max_package_files, settings.max_package_bytes, settings.max_compression_ratio)
-    manifest = stage_package(package, workdir, limits, intent, sha)
-    model = load_and_warm(workdir, settings.score_threshold, settings.runtime_threads or 1, manifest)
-    return Validated(sha, intent, manifest, model)
 
 
 class Pipeline:
@@ -388,14 +285,6 @@ def _model_record(model: LoadedModel) -> dict[str, Any]:
     info = model.info
     return {"handler": info.handler, "model_file": info.model_file, "labels_file": info.labels_file,
             "model_sha256": info.model_sha256}
-
-
-def _file_md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _mark_activated(path: Path) -> None:

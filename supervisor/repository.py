@@ -26,6 +26,8 @@ from typing import Any
 
 import structlog
 
+from supervisor.fsutil import fsync_dir, write_durably
+
 __all__ = ["INSTALL_RECORD", "InstalledVersion", "Repository"]
 
 log = structlog.get_logger(__name__)
@@ -135,17 +137,17 @@ class Repository:
         if target.exists():
             raise FileExistsError(f"{name} {version} is already installed")
         record = {**record, "name": name, "version": version, "installed_at": time.time()}
-        _write_durably(workdir / INSTALL_RECORD, json.dumps(record, indent=2))
+        write_durably(workdir / INSTALL_RECORD, json.dumps(record, indent=2))
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(workdir, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return InstalledVersion(name, version, target, record)
 
     def _point(self, link: Path, version: InstalledVersion) -> None:
         tmp = link.with_name(f"{link.name}{TMP_PREFIX}{uuid.uuid4().hex[:8]}")
         os.symlink(os.path.join("models", version.name, version.version), tmp)
         os.replace(tmp, link)
-        _fsync_dir(link.parent)
+        fsync_dir(link.parent)
 
     def flip(self, version: InstalledVersion) -> None:
         """Make ``version`` current (atomically); the old current becomes previous."""
@@ -206,18 +208,3 @@ class Repository:
 def _subdirs(path: Path) -> Iterator[Path]:
     if path.is_dir():
         yield from (p for p in path.iterdir() if p.is_dir() and not p.is_symlink())
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
