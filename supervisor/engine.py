@@ -79,7 +79,11 @@ class LoadedModel:
 
 
 def load_model(
-    folder: Path, default_threshold: float, runtime_threads: int = 1, manifest: Manifest | None = None
+    folder: Path,
+    default_threshold: float,
+    runtime_threads: int = 1,
+    manifest: Manifest | None = None,
+    workers: int = 0,
 ) -> LoadedModel:
     """Load a version folder: manifest, labels, runtime, handler; checks that they fit together.
 
@@ -87,7 +91,7 @@ def load_model(
     try:
         manifest = manifest or read_manifest(folder)
         labels = read_labels(folder, manifest)
-        runtime = open_runtime(folder / manifest.model_file, runtime_threads)
+        runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers)
         handler = choose_handler(runtime.signature, manifest.handler, manifest.handler_options)
     except (PackageError, ModelLoadError, HandlerMismatch, OSError) as exc:
         raise ModelInvalid(str(exc)) from exc
@@ -113,13 +117,17 @@ def load_model(
 
 
 def load_and_warm(
-    folder: Path, default_threshold: float, runtime_threads: int = 1, manifest: Manifest | None = None
+    folder: Path,
+    default_threshold: float,
+    runtime_threads: int = 1,
+    manifest: Manifest | None = None,
+    workers: int = 0,
 ) -> LoadedModel:
     """``load_model``, then a blank image through the whole path (the engine, ``edgeloader verify``).
 
     The warm-up catches output shapes a handler cannot decode and pays the runtime's first-call
     cost before real requests arrive. Blocking; raises ModelInvalid with the reason."""
-    model = load_model(folder, default_threshold, runtime_threads, manifest)
+    model = load_model(folder, default_threshold, runtime_threads, manifest, workers)
     try:
         w, h = model.handler.input_size
         blank = Image.new("RGB", (max(w, 1), max(h, 1)), (114, 114, 114))
@@ -181,7 +189,7 @@ class Engine:
         return await loop.run_in_executor(self.loader, self._load_and_warm, folder, manifest)
 
     def _load_and_warm(self, folder: Path, manifest: Manifest | None) -> LoadedModel:
-        return load_and_warm(folder, self.default_threshold, self.runtime_threads, manifest)
+        return load_and_warm(folder, self.default_threshold, self.runtime_threads, manifest, self.workers)
 
     def swap(self, model: LoadedModel) -> LoadedModel | None:
         """Make ``model`` active; the old one is closed once its in-flight requests finish."""
