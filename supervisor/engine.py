@@ -153,6 +153,14 @@ def _box_dict(box: Sequence[float]) -> dict[str, float]:
     return {"xmin": box[0], "ymin": box[1], "xmax": box[2], "ymax": box[3]}
 
 
+def _lower_priority() -> None:
+    """Nice the calling thread (Linux nice values are per thread; threads it starts inherit it)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (OSError, AttributeError):  # not Linux, or not allowed: run at normal priority
+        pass
+
+
 class Engine:
     """Owns the active model slot and the worker pool."""
 
@@ -168,9 +176,10 @@ class Engine:
         self.max_image_pixels = max_image_pixels
         self.default_threshold = default_threshold
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="infer")
-        # Loading, unpacking and hashing get their own thread: on the inference pool a model load
-        # took one of the workers for its whole duration and showed up in the p99 during swaps.
-        self.loader = ThreadPoolExecutor(1, thread_name_prefix="load")
+        # Loading, unpacking and hashing get their own thread, at a lower CPU priority: on the
+        # inference pool a model load took one of the workers for its whole duration, and at the
+        # same priority it still competed with requests for the cores (p99 during swaps).
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="load", initializer=_lower_priority)
         self._active: LoadedModel | None = None
         # Called (on the loop) with the model whose requests keep failing right after activation.
         self.on_failure_streak: Callable[[LoadedModel, int], None] | None = None
