@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from waiting import eventually
 
 from supervisor.engine import Engine
 from supervisor.events import EventBus
@@ -105,19 +106,7 @@ WaitUntil = Callable[..., Awaitable[Any]]
 @pytest.fixture
 def wait_until() -> WaitUntil:
     """``await wait_until(predicate, within=5.0, what="...")``: poll until truthy, return its value."""
-
-    async def wait(predicate: Callable[[], Any], within: float = 5.0, what: str = "condition",
-                   interval: float = 0.02) -> Any:
-        deadline = time.monotonic() + within
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {within}s waiting for {what}")
-            await asyncio.sleep(interval)
-
-    return wait
+    return eventually
 
 
 WriteSoon = Callable[..., threading.Thread]

@@ -27,13 +27,14 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pytest
+from waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / ".tools"
@@ -89,19 +90,6 @@ def random_loopback_ip() -> str:
     raise RuntimeError("no free 127.x.y.z:8883")
 
 
-async def eventually(
-    predicate: Callable[[], Any], within: float, what: str | Callable[[], str], interval: float = 0.05
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {within} s waiting for {text}")
-        await asyncio.sleep(interval)
 
 
 # ------------------------------------------------------------------------------------ certificates

@@ -8,11 +8,10 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+from waiting import eventually
 
 from supervisor.download import Download, DownloadError, commit, parse_md5, parse_sha256
 
@@ -21,11 +20,6 @@ pytest_plugins = ["iot_fixtures"]
 MiB = 1024 * 1024
 
 
-async def eventually(predicate: Callable[[], Any], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {within} s waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def _package(size: int, seed: int = 1) -> bytes:

@@ -14,11 +14,12 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from waiting import eventually
 
 from supervisor.events import EventBus, ModelEvent
 from supervisor.settings import Settings
@@ -33,14 +34,6 @@ pytest_plugins = ["iot_fixtures"]
 KiB = 1024
 
 
-async def eventually(predicate: Callable[[], Any], within: float, what: str | Callable[[], str]) -> Any:
-    deadline = time.monotonic() + within
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {within} s waiting for {text}")
-        await asyncio.sleep(0.02)
-    return value
 
 
 def package_bytes(size: int, seed: str = "a", bad: bool = False) -> bytes:
