@@ -10,7 +10,7 @@ A download that is cancelled (the service stops) keeps its ``.part`` and a small
 note (the blob's ETag); the next download of the same blob re-hashes what is there and fetches only
 the rest. Both names are ignored by the staging watcher.
 
-``commit`` hands a verified file to the update pipeline: the intent sidecar first, then the package.
+``partfile.commit`` then hands the verified file to the update pipeline.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-import hashlib
 import json
 import os
 import random
@@ -28,22 +26,19 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import aiohttp
 import structlog
 
-from supervisor.fsutil import fsync_dir
+from supervisor.partfile import PartFile, resume_note_path
 from supervisor.redact import redact, redact_url
 
 __all__ = [
     "Download",
     "DownloadError",
     "DownloadResult",
-    "commit",
     "parse_md5",
     "parse_sha256",
-    "resume_note_path",
 ]
 
 log = structlog.get_logger(__name__)
@@ -100,63 +95,6 @@ def parse_md5(value: str) -> bytes:
     return raw
 
 
-class _Sink:
-    """The ``.part`` file and the running hashes of what it holds. Used from a worker thread."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file: BinaryIO | None = None
-        self.size = 0
-        self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5(usedforsecurity=False)
-
-    def reset(self) -> None:
-        self.close()
-        self._file = open(self.path, "wb")  # noqa: SIM115 - kept open across chunks, closed in close()
-        self.size = 0
-        self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5(usedforsecurity=False)
-
-    def reopen(self) -> int:
-        """Continue an existing file: hash what it holds, then append. Returns its size."""
-        self.reset_hashes()
-        self.close()
-        self._file = open(self.path, "r+b")  # noqa: SIM115 - closed in close()
-        while block := self._file.read(1 << 20):
-            self.sha256.update(block)
-            self.md5.update(block)
-            self.size += len(block)
-        return self.size
-
-    def reset_hashes(self) -> None:
-        self.size = 0
-        self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5(usedforsecurity=False)
-
-    def write(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
-        self.sha256.update(data)
-        self.md5.update(data)
-        self.size += len(data)
-
-    def finish(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        self.close()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def discard(self) -> None:
-        self.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-
 class Download:
     """One download of ``url`` into ``part_path``. Read ``bytes_fetched``/``bytes_done``/``total`` live."""
 
@@ -197,7 +135,7 @@ class Download:
         self.attempts = 0
         self.etag: str | None = None
         self.resumed_bytes = 0  # bytes kept from an earlier, interrupted run
-        self._sink = _Sink(part_path)
+        self._sink = PartFile(part_path)
         self.resume_path = resume_note_path(part_path)
         # What identifies the blob across runs: the URL without its query (a new SAS for the same blob
         # may resume) and what the twin expects of it.
@@ -448,27 +386,3 @@ class Download:
             attempts=self.attempts,
             etag=self.etag,
         )
-
-
-def resume_note_path(part: Path) -> Path:
-    """``<staging>/.<FileName>.resume`` for ``<staging>/<FileName>.part`` (a dot-name: never a package)."""
-    stem = part.name.removesuffix(".part")
-    return part.with_name(f".{stem}.resume")
-
-
-def commit(part: Path, dest: Path, intent: dict[str, Any] | None = None) -> None:
-    """Hand a verified file to the pipeline: ``<dest>.intent.json`` first, then ``part`` -> ``dest``.
-
-    Blocking (fsync): call it in a thread. The sidecar is written as ``*.intent.json.part`` and renamed,
-    so the watcher, which ignores ``*.part`` and ``*.intent.json``, never sees half of either.
-    """
-    if intent is not None:
-        sidecar = dest.with_name(dest.name + ".intent.json")
-        tmp = sidecar.with_name(sidecar.name + ".part")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(intent, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, sidecar)
-    os.replace(part, dest)
-    fsync_dir(dest.parent)

@@ -19,8 +19,9 @@ from typing import Any, Protocol
 
 import structlog
 
-from supervisor.download import Download, DownloadError, DownloadResult, commit, resume_note_path
+from supervisor.download import Download, DownloadError, DownloadResult
 from supervisor.events import EventBus, ModelEvent
+from supervisor.partfile import commit, resume_note_path
 from supervisor.redact import redact, redact_url
 from supervisor.reporter import OUTPUT_NAME, Reporter, active_patch, merge_patch, model_output, status_patch
 from supervisor.twin_client import RETRYABLE, HubClient, describe_mode

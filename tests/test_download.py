@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from waiting import eventually
 
-from supervisor.download import Download, DownloadError, commit, parse_md5, parse_sha256
+from supervisor.download import Download, DownloadError, parse_md5, parse_sha256
+from supervisor.partfile import commit
 
 pytest_plugins = ["iot_fixtures"]
 
