@@ -156,7 +156,8 @@ class FaultProxy:
     """A TCP proxy on its own thread and event loop (usable from sync and async tests alike).
 
     Faults apply to the downstream direction (server -> client), where a download's bytes flow:
-    - ``cut_after(k)``: the next connection is closed (FIN) after k bytes;
+    - ``cut_after(k)``: the next connection is closed (FIN) after k bytes; with ``then_refuse`` the
+      listener closes first, so the client's retries are refused until ``online()``;
     - ``stall_after(k)``: the next connection stops forwarding after k bytes but stays open;
     - ``throttle(rate)``: every connection is paced to ``rate`` bytes per second (None: full speed);
     - ``refuse()``: the listener closes (connection refused), open connections live on;
@@ -171,6 +172,7 @@ class FaultProxy:
         self.connections = 0
         self.closed = 0  # connections over
         self._cut: int | None = None
+        self._refuse_after_cut = False
         self._stall: int | None = None
         self._rate: float | None = None
         self._loop = asyncio.new_event_loop()
@@ -206,8 +208,9 @@ class FaultProxy:
         self._thread.join(timeout=5)
         self._loop.close()
 
-    def cut_after(self, nbytes: int) -> None:
+    def cut_after(self, nbytes: int, *, then_refuse: bool = False) -> None:
         self._cut = nbytes
+        self._refuse_after_cut = then_refuse
 
     def stall_after(self, nbytes: int) -> None:
         self._stall = nbytes
@@ -279,6 +282,9 @@ class FaultProxy:
                     writer.write(data)
                     self.bytes_down += len(data)
                     await writer.drain()
+                    if self._refuse_after_cut and self._server is not None:
+                        self._server.close()  # before the FIN: no retry can slip in
+                        self._server = None
                     writer.close()  # FIN: a deterministic cut
                     return
                 if stall is not None and sent + len(data) >= stall:
