@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 
 from supervisor.api import error_middleware, request_log_middleware, routes
+from supervisor.auth import token_middleware
 from supervisor.engine import Engine
 from supervisor.events import EventBus
 from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS
@@ -131,10 +132,13 @@ IMPORT_PATH = web.AppKey("import_path", Path)
 def build_app(settings: Settings, import_path: Path | None = None, services: bool = True) -> web.Application:
     """The whole service as one aiohttp app. ``services=False`` leaves out the folder and twin
     watchers (tests that drive the pipeline themselves)."""
-    app = web.Application(
-        client_max_size=settings.max_body_bytes,
-        middlewares=[request_log_middleware, error_middleware],
-    )
+    middlewares = [request_log_middleware, error_middleware]
+    if settings.api_token:
+        middlewares.append(token_middleware(settings.api_token, settings.api_token_scope))
+        log.info("api_token_required", scope=settings.api_token_scope)
+    elif settings.host not in ("127.0.0.1", "::1", "localhost"):
+        log.info("api_open", hint="anyone who reaches the port can switch models; see EDGELOADER_API_TOKEN")
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[EVENTS] = EventBus()
     if import_path is not None:

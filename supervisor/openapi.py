@@ -9,6 +9,8 @@ from supervisor import __version__
 __all__ = ["openapi_document"]
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
+# Model switching needs the token when one is set; an empty requirement says it may be unset.
+_TOKEN: list[dict[str, list[str]]] = [{"apiToken": []}, {}]
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -18,6 +20,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "Bad request (undecodable image, bad query value)",
+        401: "Missing or wrong API token (only when the service has one)",
         404: "Not found",
         409: "Conflict",
         413: "Body over the size limit, or image dimensions over the pixel limit",
@@ -111,11 +114,16 @@ def openapi_document() -> dict[str, Any]:
             "/models": _get("The repository: versions, states, rejected packages, recent events", "Repository"),
             "/models/{name}/{version}/activate": {"post": {
                 "summary": "Make a stored version active (rollback or roll-forward)", "parameters": [name, version],
-                "responses": {"200": _json({"type": "object"}, "Now active"), **_errors(404, 500)}}},
+                "responses": {"200": _json({"type": "object"}, "Now active"), **_errors(401, 404, 500)},
+                "security": _TOKEN}},
             "/models/rollback": {"post": {
                 "summary": "Go back to the previously active version",
-                "responses": {"200": _json({"type": "object"}, "Now active"), **_errors(409, 500)}}},
+                "responses": {"200": _json({"type": "object"}, "Now active"), **_errors(401, 409, 500)},
+                "security": _TOKEN}},
             "/openapi.json": _get("This document", "OpenAPI document"),
         },
-        "components": {"schemas": _SCHEMAS},
+        "components": {"schemas": _SCHEMAS, "securitySchemes": {"apiToken": {
+            "type": "http", "scheme": "bearer",
+            "description": "EDGELOADER_API_TOKEN; needed for model switching when set, for every route "
+                           "but the health probes with EDGELOADER_API_TOKEN_SCOPE=all"}}},
     }

@@ -45,7 +45,9 @@ class Settings:
     twin_timeout_seconds: float = 30.0
     download_retries: int = 5
     download_read_timeout_seconds: float = 30.0
-    connection_string: str | None = None
+    connection_string: str | None = dataclasses.field(default=None, repr=False)  # a secret: never logged
+    api_token: str | None = dataclasses.field(default=None, repr=False)
+    api_token_scope: str = "admin"
     bundled_model: Path = BUNDLED_MODEL_DIR
 
     @property

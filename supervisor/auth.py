@@ -1,0 +1,52 @@
+"""Optional bearer-token check for the HTTP API.
+
+Without a token the API is open, as it is for most modules that only other modules on the same
+IoT Edge network reach. With ``api_token`` set, requests need ``Authorization: Bearer <token>``:
+with scope ``admin`` only the routes that change which model serves (POST under /models), with
+scope ``all`` every route except the health probes (the container HEALTHCHECK and the IoT Edge
+agent cannot send a token).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import structlog
+from aiohttp import web
+
+from supervisor.api import Handler, json_error
+
+__all__ = ["SCOPES", "token_middleware"]
+
+log = structlog.get_logger("edgeloader.auth")
+
+SCOPES = ("admin", "all")
+_HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+
+
+def _protected(request: web.Request, scope: str) -> bool:
+    if scope == "all":
+        return request.path not in _HEALTH_PATHS
+    return request.method == "POST" and request.path.startswith("/models/")
+
+
+def token_middleware(token: str, scope: str) -> web.middleware:  # type: ignore[valid-type]
+    """A middleware that refuses protected requests without the token (401, JSON, WWW-Authenticate)."""
+    if scope not in SCOPES:
+        raise ValueError(f"api_token_scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    expected = token.encode()
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if _protected(request, scope):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest: the time taken must not tell how much of a guess was right.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+                log.warning("unauthorized", method=request.method, path=request.path,
+                            remote=request.remote, had_token=bool(given))
+                response = json_error(401, "unauthorized", "this route needs 'Authorization: Bearer <api token>'")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="edgeloader"'
+                return response
+        return await handler(request)
+
+    return check_token
