@@ -1,82 +1,46 @@
 """Remote model updates through the IoT Hub module twin.
 
 Desired properties name one model package (``FileName``, ``DownloadUrl``, hashes, ...). The service
-reconciles: on connect, on every reconnect and on every desired patch it reads the whole twin and
-compares it with what is installed. A package already here (same SHA-256) is never downloaded again,
-only activated if needed; anything else is downloaded (``download.py``), verified and handed to the
-update pipeline through ``staging/``. Pipeline events become reported properties and, for each model
-that becomes active, a ``DLModelOutput`` message. It knows nothing about runtimes.
+reconciles: on connect, on every reconnect and on every desired patch it reads the whole twin and hands
+the request it holds to the ``Reconciler`` (twin_reconcile.py), which downloads, verifies and hands the
+package to the update pipeline, or uses the copy already installed. Pipeline events become reported
+properties and, for each model that becomes active, a ``DLModelOutput`` message; when the service
+starts, the model then active is announced the same way unless it was already. It knows nothing about
+runtimes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
-from supervisor.download import Download, DownloadError, DownloadResult
-from supervisor.events import EventBus, ModelEvent
-from supervisor.partfile import commit, resume_note_path
+from supervisor.download import Download
+from supervisor.events import ModelEvent
 from supervisor.redact import redact, redact_url
 from supervisor.reporter import OUTPUT_NAME, Reporter, active_patch, merge_patch, model_output, status_patch
 from supervisor.twin_client import RETRYABLE, HubClient, describe_mode
+from supervisor.twin_reconcile import Reconciler, Updates
 from supervisor.twinpatch import DesiredModel
 
 __all__ = ["OUTPUT_NAME", "DesiredModel", "TwinService", "Updates"]
 
 log = structlog.get_logger(__name__)
 
-_FINAL = frozenset({"active", "stored", "rejected", "duplicate", "failed"})
 _NOT_RETRIED = frozenset({"failed", "rolled_back"})
 
 
-class Updates(Protocol):
-    """What the twin needs from the update pipeline and the repository."""
-
-    @property
-    def events(self) -> EventBus: ...
-
-    @property
-    def staging_dir(self) -> Path: ...
-
-    @property
-    def data_dir(self) -> Path: ...
-
-    def find_package(self, sha256: str) -> tuple[str, str] | None:
-        """(name, version) installed from a package with this SHA-256, or None."""
-
-    def active(self) -> ModelEvent | None:
-        """The active model as an 'active' event, or None."""
-
-    async def activate(self, name: str, version: str, source: str) -> object:
-        """Make an installed model active; raises on failure; publishes events."""
-
-
-def _clean_staging(staging: Path, keep: set[str]) -> None:
-    """Remove what interrupted downloads left in staging (``*.part`` files and resume notes), except
-    ``keep``: a request that no longer is desired must not hold disk space. Blocking."""
-    try:
-        entries = list(os.scandir(staging))
-    except FileNotFoundError:
-        return
-    for entry in entries:
-        name = entry.name
-        stale = name.endswith(".part") or (name.startswith(".") and name.endswith(".resume"))
-        if stale and name not in keep and entry.is_file(follow_symlinks=False):
-            try:
-                os.unlink(entry.path)
-                log.info("staging_stale_removed", file=name)
-            except OSError as exc:
-                log.warning("staging_cleanup_failed", file=name, error=str(exc))
+def _model_key(event: ModelEvent) -> tuple[str | None, str | None, str | None]:
+    """What makes two DLModelOutput messages name the same model."""
+    return event.name, event.version, event.model_sha256
 
 
 class TwinService:
-    """Turns desired properties into verified packages in staging, and events into reported state."""
+    """Connects, reads desired properties into requests for the ``Reconciler``, and turns pipeline events
+    into reported properties and ``DLModelOutput`` messages."""
 
     def __init__(
         self,
@@ -96,30 +60,32 @@ class TwinService:
         self.settings = settings
         self.updates = updates
         self._env = os.environ if env is None else env
-        self.progress_interval = progress_interval
         self.twin_timeout = twin_timeout
         self.pipeline_timeout = pipeline_timeout
-        self._download_options: dict[str, Any] = {
-            "retries": download_retries,
-            "backoff_base": download_backoff[0],
-            "backoff_max": download_backoff[1],
-            "read_timeout": download_read_timeout,
-        }
+        self._reconciler = Reconciler(
+            updates, self._report_status, progress_interval=progress_interval, pipeline_timeout=pipeline_timeout,
+            download_options={
+                "retries": download_retries,
+                "backoff_base": download_backoff[0],
+                "backoff_max": download_backoff[1],
+                "read_timeout": download_read_timeout,
+            },
+        )
         self._retry_interval = retry_interval
         self._connection_retry_interval = connection_retry_interval
         self.hub: HubClient | None = None
         self.reporter: Reporter | None = None
-        self.last_download: Download | None = None  # for tests and diagnostics
         self._desired_version: int | None = None
         self._patch_hint: dict[str, Any] | None = None
         self._resync = asyncio.Event()
-        self._wanted: DesiredModel | None = None
-        self._wanted_changed = asyncio.Event()
-        self._job: asyncio.Task[None] | None = None
-        self._job_req: DesiredModel | None = None
-        self._waiters: dict[str, asyncio.Queue[ModelEvent]] = {}
         self._last_state: str | None = None
-        self._stale_cleanup: asyncio.Task[None] | None = None
+        # Kept for the life of the process, across supervised restarts of run().
+        self._last_output: tuple[str | None, str | None, str | None] | None = None
+
+    @property
+    def last_download(self) -> Download | None:
+        """The latest download started (for tests and diagnostics)."""
+        return self._reconciler.last_download
 
     # ----------------------------------------------------------------------------------- lifecycle
     async def run(self) -> None:
@@ -148,13 +114,14 @@ class TwinService:
                 # Let the event watcher subscribe before any download can hand a package over.
                 await asyncio.sleep(0)
                 tg.create_task(self.reporter.run(), name="twin-reporter")
-                tg.create_task(self._reconciler(), name="twin-reconciler")
+                tg.create_task(self._reconciler.run(), name="twin-reconciler")
                 await self._start(hub)
                 tg.create_task(self._resync_loop(), name="twin-resync")
+                # Each run, not once per process: a run restarted by the supervisor may have missed an
+                # activation's message. The same-model check keeps it from repeating one.
+                tg.create_task(self._announce_active(), name="twin-announce")
         finally:
-            if self._job is not None:
-                self._job.cancel()
-                await asyncio.wait([self._job], timeout=5)
+            await self._reconciler.stop()
             await hub.shutdown()
             log.info("twin_stopped")
 
@@ -162,10 +129,7 @@ class TwinService:
         self._desired_version = None
         self._patch_hint = None
         self._resync = asyncio.Event()
-        self._wanted = None
-        self._wanted_changed = asyncio.Event()
-        self._job = self._job_req = None
-        self._waiters = {}
+        self._reconciler.reset()
 
     async def _start(self, hub: HubClient) -> None:
         delay = 1.0
@@ -184,7 +148,7 @@ class TwinService:
         await hub.on_desired_patch(self._on_desired_patch)
         active = self.updates.active()
         if active is not None:
-            self._report_active(active, send_message=False)
+            self._report_active(active)
 
     # ------------------------------------------------------------------------- desired properties
     def _on_connection_change(self, connected: bool) -> None:
@@ -250,148 +214,17 @@ class TwinService:
             request = DesiredModel.parse(desired)
         except ValueError as exc:
             log.warning("desired_invalid", version=version, reason=str(exc))
-            self._cancel_job()
+            self._reconciler.drop()
             self._report_status("failed", file_name=desired.get("FileName"), desired_version=version,
                                 reason=f"bad desired properties: {exc}")
             return
         if request is None:
             log.info("desired_no_model", version=version)
-            self._cancel_job()
-            self._stale_cleanup = asyncio.create_task(
-                asyncio.to_thread(_clean_staging, Path(self.updates.staging_dir), set())
-            )
+            self._reconciler.drop(clean_staging_dir=True)
             return
         log.info("desired_model", version=version, file=request.file_name, url=redact_url(request.url),
                  sha256=request.sha256, activate=request.activate)
-        self._wanted = request
-        self._wanted_changed.set()
-
-    def _cancel_job(self) -> None:
-        self._wanted = None
-        if self._job is not None and not self._job.done():
-            self._job.cancel()
-
-    async def _reconciler(self) -> None:
-        while True:
-            await self._wanted_changed.wait()
-            self._wanted_changed.clear()
-            request = self._wanted
-            if request is None:
-                continue
-            if self._job is not None and not self._job.done():
-                if self._job_req is not None and self._job_req.same_target(request):
-                    self._job_req = request  # same package: the running job answers the new version
-                    continue
-                log.info("update_superseded", old=self._job_req and self._job_req.file_name,
-                         new=request.file_name)
-                self._job.cancel()
-                await asyncio.wait([self._job])
-            self._job_req = request
-            self._job = asyncio.create_task(self._fulfil(request), name=f"twin-update-{request.file_name}")
-
-    # ------------------------------------------------------------------------------- one update
-    async def _fulfil(self, request: DesiredModel) -> None:
-        try:
-            if request.sha256 and (found := self.updates.find_package(request.sha256)):
-                await self._use_installed(request, found)
-                return
-            result = await self._download(request)
-            if (found := self.updates.find_package(result.sha256)) is not None:
-                await asyncio.to_thread(result.path.unlink, missing_ok=True)
-                await self._use_installed(request, found)
-                return
-            await self._hand_over(request, result.sha256, result.size)
-        except asyncio.CancelledError:
-            log.info("update_cancelled", file=request.file_name)
-            raise
-        except DownloadError as exc:
-            log.warning("download_failed", file=request.file_name, reason=exc.reason)
-            self._report_status("failed", reason=exc.reason)
-        except Exception as exc:
-            log.exception("update_failed", file=request.file_name)
-            self._report_status("failed", reason=redact(f"{type(exc).__name__}: {exc}")[:300])
-
-    async def _download(self, request: DesiredModel) -> DownloadResult:
-        staging = Path(self.updates.staging_dir)
-        part = staging / f"{request.file_name}.part"
-        await asyncio.to_thread(staging.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(_clean_staging, staging, {part.name, resume_note_path(part).name})
-        last = 0.0
-
-        def progress(done: int, total: int | None) -> None:
-            nonlocal last
-            now = time.monotonic()
-            if now - last >= self.progress_interval:
-                last = now
-                self._report_status("downloading", bytes_done=done, bytes_total=total)
-
-        self._report_status("downloading", bytes_done=0, bytes_total=request.length)
-        last = time.monotonic()
-        download = Download(
-            request.url, part, expected_length=request.length,
-            sha256=request.sha256, md5=request.md5, progress=progress, **self._download_options,
-        )
-        self.last_download = download
-        result = await download.run()
-        self._report_status("verifying", bytes_done=result.size, bytes_total=result.size)
-        return result
-
-    async def _hand_over(self, request: DesiredModel, sha256: str, size: int) -> None:
-        staging = Path(self.updates.staging_dir)
-        intent: dict[str, Any] = {"source": "twin", "sha256": sha256, "activate": request.activate,
-                                  "desired_version": request.desired_version}
-        if request.name:
-            intent["name"] = request.name
-        if request.version:
-            intent["version"] = request.version
-        queue: asyncio.Queue[ModelEvent] = asyncio.Queue()
-        self._waiters[sha256] = queue
-        self._waiters[request.file_name] = queue
-        try:
-            part = staging / f"{request.file_name}.part"
-            await asyncio.to_thread(commit, part, staging / request.file_name, intent)
-            async with asyncio.timeout(self.pipeline_timeout):
-                while True:
-                    event = await queue.get()
-                    if event.state == "validating":
-                        self._report_status("verifying", bytes_done=size, bytes_total=size)
-                    elif event.state == "activating":
-                        self._report_status("activating", bytes_done=size, bytes_total=size)
-                    elif event.state in _FINAL:
-                        break
-        except TimeoutError:
-            self._report_status("failed", reason="the update pipeline did not answer in time")
-            return
-        finally:
-            self._waiters.pop(sha256, None)
-            self._waiters.pop(request.file_name, None)
-        if event.state == "active":
-            self._report_status("active", bytes_done=size, bytes_total=size)
-        elif event.state == "stored":
-            self._report_status("stored", bytes_done=size, bytes_total=size)
-        elif event.state == "duplicate" and (found := self.updates.find_package(sha256)):
-            await self._use_installed(request, found)
-        else:
-            self._report_status("failed", reason=redact(event.reason or f"package {event.state}")[:300])
-
-    async def _use_installed(self, request: DesiredModel, found: tuple[str, str]) -> None:
-        name, version = found
-        active = self.updates.active()
-        is_active = active is not None and (active.name, active.version) == (name, version)
-        log.info("package_already_installed", file=request.file_name, name=name, version=version,
-                 active=is_active, activate=request.activate)
-        if is_active:
-            self._report_status("active")
-        elif not request.activate:
-            self._report_status("stored")
-        else:
-            self._report_status("activating")
-            try:
-                await self.updates.activate(name, version, "twin")
-            except Exception as exc:
-                self._report_status("failed", reason=redact(f"activation failed: {exc}")[:300])
-                return
-            self._report_status("active")
+        self._reconciler.want(request)
 
     # --------------------------------------------------------------------------------- reporting
     def _report_status(
@@ -404,7 +237,7 @@ class TwinService:
         file_name: str | None = None,
         desired_version: int | None = None,
     ) -> None:
-        request = self._job_req
+        request = self._reconciler.request
         status = status_patch(
             state,
             file_name=file_name if file_name is not None else request.file_name if request else None,
@@ -424,28 +257,47 @@ class TwinService:
         assert self.reporter is not None
         self.reporter.report(status)
 
-    def _report_active(self, event: ModelEvent, send_message: bool = True) -> None:
+    def _report_active(self, event: ModelEvent) -> None:
         assert self.reporter is not None
         self.reporter.report(active_patch(event))
-        if send_message:
-            self.reporter.send_output(OUTPUT_NAME, model_output(event))
+
+    def _send_model_output(self, event: ModelEvent) -> None:
+        assert self.reporter is not None
+        self._last_output = _model_key(event)
+        self.reporter.send_output(OUTPUT_NAME, model_output(event))
+
+    async def _announce_active(self) -> None:
+        """Send one ``DLModelOutput`` for the model active after start-up. Modules routed after us, or a
+        hub that lost the message of the last activation, would otherwise not know it until the next
+        activation. Waits until the start-up twin has settled what is active (not announcing a model
+        about to be replaced), and skips a model that an activation of this process already announced."""
+        try:
+            async with asyncio.timeout(self.pipeline_timeout):
+                await self._reconciler.settled()
+        except TimeoutError:
+            log.warning("announce_not_settled", detail="announcing the model active now")
+        active = self.updates.active()
+        if active is None:
+            return
+        if _model_key(active) == self._last_output:
+            log.info("active_model_already_announced", name=active.name, version=active.version)
+            return
+        log.info("active_model_announced", name=active.name, version=active.version)
+        self._send_model_output(active)
 
     async def _watch_events(self) -> None:
         async for event in self.updates.events.subscribe():
             if event.state == "active":
                 self._report_active(event)
+                self._send_model_output(event)
             elif event.state == "rolled_back":
                 # The 'active' event of the version rolled back to came first (and was reported). This one
                 # names the version now active: if the twin's package was active, it is not any more.
                 # Report it, so that a restart does not activate it again.
-                request = self._job_req
+                request = self._reconciler.request
                 if (
-                    request is not None and self._job is not None and self._job.done()
+                    request is not None and self._reconciler.idle
                     and self._last_state == "active" and event.package != request.file_name
                 ):
                     self._report_status("rolled_back", reason=event.reason or f"rolled back ({event.source})")
-            queue = self._waiters.get(event.sha256 or "")
-            if queue is None and event.source in ("twin", "staging"):
-                queue = self._waiters.get(event.package)
-            if queue is not None:
-                queue.put_nowait(event)
+            self._reconciler.deliver(event)

@@ -1,0 +1,313 @@
+"""Bringing the desired model package into effect, one request at a time.
+
+``TwinService`` (twin.py) reads the desired properties and hands each parsed request to
+``Reconciler.want``. The reconciler runs one job for the latest request: a package already installed
+(same SHA-256) is never downloaded again, only activated if the request asks for it; anything else is
+downloaded into ``staging/`` (resumable and verified, download.py) and handed to the update pipeline,
+whose events say how it ended. Progress and outcome go back through the ``report`` callback as
+``ModelUpdate`` states; their meaning is the contract in docs/twin.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from supervisor.download import Download, DownloadError, DownloadResult
+from supervisor.events import EventBus, ModelEvent
+from supervisor.partfile import commit, resume_note_path
+from supervisor.redact import redact
+from supervisor.twinpatch import DesiredModel
+
+__all__ = ["Reconciler", "StatusReport", "Updates", "clean_staging"]
+
+log = structlog.get_logger(__name__)
+
+# Pipeline events after which a handed-over package needs nothing more from us.
+_FINAL = frozenset({"active", "stored", "rejected", "duplicate", "failed"})
+
+
+class Updates(Protocol):
+    """What the twin needs from the update pipeline and the repository."""
+
+    @property
+    def events(self) -> EventBus: ...
+
+    @property
+    def staging_dir(self) -> Path: ...
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    def find_package(self, sha256: str) -> tuple[str, str] | None:
+        """(name, version) installed from a package with this SHA-256, or None."""
+
+    def active(self) -> ModelEvent | None:
+        """The active model as an 'active' event, or None."""
+
+    async def activate(self, name: str, version: str, source: str) -> object:
+        """Make an installed model active; raises on failure; publishes events."""
+
+
+class StatusReport(Protocol):
+    """Reports a ``ModelUpdate`` state for the request being answered (``Reconciler.request``)."""
+
+    def __call__(
+        self, state: str, *, reason: str | None = None, bytes_done: int | None = None,
+        bytes_total: int | None = None,
+    ) -> None: ...
+
+
+def clean_staging(staging: Path, keep: set[str]) -> None:
+    """Remove what interrupted downloads left in staging (``*.part`` files and resume notes), except
+    ``keep``: a request that no longer is desired must not hold disk space. Blocking."""
+    try:
+        entries = list(os.scandir(staging))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        name = entry.name
+        stale = name.endswith(".part") or (name.startswith(".") and name.endswith(".resume"))
+        if stale and name not in keep and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                log.info("staging_stale_removed", file=name)
+            except OSError as exc:
+                log.warning("staging_cleanup_failed", file=name, error=str(exc))
+
+
+class Reconciler:
+    """Runs one job at a time for the latest desired request. A newer request cancels the running job
+    (its partial download stays for a later resume), unless both name the same package: then the
+    running job goes on and answers the newer ``$version``."""
+
+    def __init__(
+        self,
+        updates: Updates,
+        report: StatusReport,
+        *,
+        progress_interval: float,
+        pipeline_timeout: float,
+        download_options: Mapping[str, Any],
+    ) -> None:
+        self.updates = updates
+        self._report = report
+        self.progress_interval = progress_interval
+        self.pipeline_timeout = pipeline_timeout
+        self._download_options = dict(download_options)
+        self.last_download: Download | None = None  # for tests and diagnostics
+        self.request: DesiredModel | None = None  # what the running (or last) job answers
+        self._wanted: DesiredModel | None = None
+        self._wanted_changed = asyncio.Event()
+        self._job: asyncio.Task[None] | None = None
+        self._waiters: dict[str, asyncio.Queue[ModelEvent]] = {}
+        self._stale_cleanup: asyncio.Task[None] | None = None
+        # "Settled": no job is about to change the active model (see settled()).
+        self._scheduling = False
+        self._downloading = False
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def reset(self) -> None:
+        """Forget requests and jobs: a new run of the service starts from the twin again."""
+        self.request = self._wanted = self._job = None
+        self._wanted_changed = asyncio.Event()
+        self._waiters = {}
+        self._scheduling = self._downloading = False
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    async def stop(self) -> None:
+        """Cancel the running job and give it a few seconds to let go of its files."""
+        if self._job is not None:
+            self._job.cancel()
+            await asyncio.wait([self._job], timeout=5)
+
+    @property
+    def idle(self) -> bool:
+        """No job is running (the last one, if any, has ended)."""
+        return self._job is None or self._job.done()
+
+    def want(self, request: DesiredModel) -> None:
+        self._wanted = request
+        self._wanted_changed.set()
+        self._settled.clear()
+
+    def drop(self, *, clean_staging_dir: bool = False) -> None:
+        """Want nothing: cancel the running job. ``clean_staging_dir``: also remove partial downloads,
+        as no request will resume them."""
+        self._wanted = None
+        if self._job is not None and not self._job.done():
+            self._job.cancel()
+        if clean_staging_dir:
+            self._stale_cleanup = asyncio.create_task(
+                asyncio.to_thread(clean_staging, Path(self.updates.staging_dir), set())
+            )
+        self._refresh_settled()
+
+    async def settled(self) -> None:
+        """Return once no job is about to change the active model: none is wanted or running, or the
+        running one is downloading (which may take days on a bad link; if it ends in an activation,
+        that activation is announced as any other)."""
+        while not self._settled.is_set():
+            await self._settled.wait()
+
+    def _refresh_settled(self) -> None:
+        busy = self._scheduling or self._wanted_changed.is_set() or not (self.idle or self._downloading)
+        if busy:
+            self._settled.clear()
+        else:
+            self._settled.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wanted_changed.wait()
+            # While a superseded job winds down, its end must not read as "settled".
+            self._scheduling = True
+            try:
+                self._wanted_changed.clear()
+                if self._wanted is not None:
+                    await self._schedule(self._wanted)
+            finally:
+                self._scheduling = False
+                self._refresh_settled()
+
+    async def _schedule(self, request: DesiredModel) -> None:
+        job = self._job
+        if job is not None and not job.done():
+            if self.request is not None and self.request.same_target(request):
+                self.request = request  # same package: the running job answers the new version
+                return
+            log.info("update_superseded", old=self.request and self.request.file_name, new=request.file_name)
+            job.cancel()
+            await asyncio.wait([job])
+        self.request = request
+        self._job = asyncio.create_task(self._fulfil(request), name=f"twin-update-{request.file_name}")
+        self._job.add_done_callback(lambda _: self._refresh_settled())
+
+    def deliver(self, event: ModelEvent) -> None:
+        """Pass a pipeline event to the hand-over waiting for it, if any. Packages are known by SHA-256;
+        events that carry none (early ones from staging) by the file name."""
+        queue = self._waiters.get(event.sha256 or "")
+        if queue is None and event.source in ("twin", "staging"):
+            queue = self._waiters.get(event.package)
+        if queue is not None:
+            queue.put_nowait(event)
+
+    # ------------------------------------------------------------------------------- one request
+    async def _fulfil(self, request: DesiredModel) -> None:
+        try:
+            if request.sha256 and (found := self.updates.find_package(request.sha256)):
+                await self._use_installed(request, found)
+                return
+            result = await self._download(request)
+            # Without a SHA-256 in the request (MD5 only), only the bytes tell whether we have it.
+            if (found := self.updates.find_package(result.sha256)) is not None:
+                await asyncio.to_thread(result.path.unlink, missing_ok=True)
+                await self._use_installed(request, found)
+                return
+            await self._hand_over(request, result.sha256, result.size)
+        except asyncio.CancelledError:
+            log.info("update_cancelled", file=request.file_name)
+            raise
+        except DownloadError as exc:
+            log.warning("download_failed", file=request.file_name, reason=exc.reason)
+            self._report("failed", reason=exc.reason)
+        except Exception as exc:
+            log.exception("update_failed", file=request.file_name)
+            self._report("failed", reason=redact(f"{type(exc).__name__}: {exc}")[:300])
+
+    async def _download(self, request: DesiredModel) -> DownloadResult:
+        staging = Path(self.updates.staging_dir)
+        part = staging / f"{request.file_name}.part"
+        await asyncio.to_thread(staging.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(clean_staging, staging, {part.name, resume_note_path(part).name})
+        last = 0.0
+
+        def progress(done: int, total: int | None) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= self.progress_interval:
+                last = now
+                self._report("downloading", bytes_done=done, bytes_total=total)
+
+        self._report("downloading", bytes_done=0, bytes_total=request.length)
+        last = time.monotonic()
+        download = Download(
+            request.url, part, expected_length=request.length,
+            sha256=request.sha256, md5=request.md5, progress=progress, **self._download_options,
+        )
+        self.last_download = download
+        self._downloading = True
+        self._refresh_settled()
+        try:
+            result = await download.run()
+        finally:
+            self._downloading = False
+            self._refresh_settled()
+        self._report("verifying", bytes_done=result.size, bytes_total=result.size)
+        return result
+
+    async def _hand_over(self, request: DesiredModel, sha256: str, size: int) -> None:
+        staging = Path(self.updates.staging_dir)
+        intent: dict[str, Any] = {"source": "twin", "sha256": sha256, "activate": request.activate,
+                                  "desired_version": request.desired_version}
+        if request.name:
+            intent["name"] = request.name
+        if request.version:
+            intent["version"] = request.version
+        queue: asyncio.Queue[ModelEvent] = asyncio.Queue()
+        # Listen before the package appears in staging: the pipeline may answer at once.
+        self._waiters[sha256] = queue
+        self._waiters[request.file_name] = queue
+        try:
+            part = staging / f"{request.file_name}.part"
+            await asyncio.to_thread(commit, part, staging / request.file_name, intent)
+            async with asyncio.timeout(self.pipeline_timeout):
+                while True:
+                    event = await queue.get()
+                    if event.state == "validating":
+                        self._report("verifying", bytes_done=size, bytes_total=size)
+                    elif event.state == "activating":
+                        self._report("activating", bytes_done=size, bytes_total=size)
+                    elif event.state in _FINAL:
+                        break
+        except TimeoutError:
+            self._report("failed", reason="the update pipeline did not answer in time")
+            return
+        finally:
+            self._waiters.pop(sha256, None)
+            self._waiters.pop(request.file_name, None)
+        if event.state == "active":
+            self._report("active", bytes_done=size, bytes_total=size)
+        elif event.state == "stored":
+            self._report("stored", bytes_done=size, bytes_total=size)
+        elif event.state == "duplicate" and (found := self.updates.find_package(sha256)):
+            await self._use_installed(request, found)
+        else:
+            self._report("failed", reason=redact(event.reason or f"package {event.state}")[:300])
+
+    async def _use_installed(self, request: DesiredModel, found: tuple[str, str]) -> None:
+        name, version = found
+        active = self.updates.active()
+        is_active = active is not None and (active.name, active.version) == (name, version)
+        log.info("package_already_installed", file=request.file_name, name=name, version=version,
+                 active=is_active, activate=request.activate)
+        if is_active:
+            self._report("active")
+        elif not request.activate:
+            self._report("stored")
+        else:
+            self._report("activating")
+            try:
+                await self.updates.activate(name, version, "twin")
+            except Exception as exc:
+                self._report("failed", reason=redact(f"activation failed: {exc}")[:300])
+                return
+            self._report("active")
