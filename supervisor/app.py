@@ -101,7 +101,10 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
     from supervisor.watcher import PackageWatcher
 
     settings = app[SETTINGS]
-    watcher = PackageWatcher(app[PIPELINE], settings.inbox_dir, settings.staging_dir, settings.settle_seconds)
+    watcher = PackageWatcher(
+        app[PIPELINE], settings.inbox_dir, settings.staging_dir, settings.settle_seconds,
+        incomplete_timeout=settings.incomplete_timeout_seconds, rescan_seconds=settings.rescan_seconds,
+    )
     async with supervised("package-watcher", watcher.run):
         yield
 

@@ -15,12 +15,12 @@ import structlog
 from aiohttp import web
 
 from supervisor.api import Handler, json_error
+from supervisor.settings import API_TOKEN_SCOPES
 
-__all__ = ["SCOPES", "token_middleware"]
+__all__ = ["token_middleware"]
 
 log = structlog.get_logger("edgeloader.auth")
 
-SCOPES = ("admin", "all")
 _HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
@@ -32,8 +32,8 @@ def _protected(request: web.Request, scope: str) -> bool:
 
 def token_middleware(token: str, scope: str) -> web.middleware:  # type: ignore[valid-type]
     """A middleware that refuses protected requests without the token (401, JSON, WWW-Authenticate)."""
-    if scope not in SCOPES:
-        raise ValueError(f"api_token_scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    if scope not in API_TOKEN_SCOPES:
+        raise ValueError(f"api_token_scope must be one of {', '.join(API_TOKEN_SCOPES)}, not {scope!r}")
     expected = token.encode()
 
     @web.middleware

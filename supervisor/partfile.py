@@ -84,9 +84,13 @@ def commit(part: Path, dest: Path, intent: dict[str, Any] | None = None) -> None
     """Hand a verified file to the pipeline: ``<dest>.intent.json`` first, then ``part`` -> ``dest``.
 
     Blocking (fsync): call it in a thread. The sidecar is written as ``*.intent.json.part`` and renamed,
-    so the watcher, which ignores ``*.part`` and ``*.intent.json``, never sees half of either.
+    so the watcher, which ignores ``*.part`` and ``*.intent.json``, never sees half of either. The
+    intent records the file's ``size``: a file in staging with the size its intent names arrived whole
+    by this rename, and the watcher hands it over without waiting for it to settle. (A crash between
+    the two renames leaves an intent without its package, which the next commit overwrites.)
     """
     if intent is not None:
+        intent = {**intent, "size": os.stat(part).st_size}
         sidecar = dest.with_name(dest.name + INTENT_SUFFIX)
         tmp = sidecar.with_name(sidecar.name + ".part")
         with open(tmp, "w", encoding="utf-8") as f:

@@ -4,6 +4,7 @@ overridden by command-line flags. Each level is resolved in one place (``load_se
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -11,13 +12,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_PREFIX", "Settings", "load_settings"]
+__all__ = ["API_TOKEN_SCOPES", "ENV_PREFIX", "Settings", "load_settings"]
 
 ENV_PREFIX = "EDGELOADER_"
+# Who needs the API token when one is set (supervisor/auth.py): model switching only, or every route.
+API_TOKEN_SCOPES = ("admin", "all")
+_TYPE_WORDS = {"int": "a whole number", "float": "a number"}
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Installed wheels carry a copy of the defaults; a checkout reads config/ beside the package.
 _DEFAULTS_CANDIDATES = (_PACKAGE_DIR.parent / "config" / "settings.toml", _PACKAGE_DIR / "settings.toml")
 BUNDLED_MODEL_DIR = _PACKAGE_DIR / "bundled" / "blazeface-short-range"
+# Durations the drop-folder watcher sleeps or waits for: 0 or less would make it spin.
+_POSITIVE_SECONDS = ("settle_seconds", "incomplete_timeout_seconds", "rescan_seconds")
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,8 @@ class Settings:
     max_package_bytes: int = 1_000_000_000
     max_compression_ratio: float = 200.0
     settle_seconds: float = 1.0
+    incomplete_timeout_seconds: float = 120.0
+    rescan_seconds: float = 15.0
     rollback_after_failures: int = 3
     log_format: str = "auto"
     log_level: str = "info"
@@ -49,6 +57,16 @@ class Settings:
     api_token: str | None = dataclasses.field(default=None, repr=False)
     api_token_scope: str = "admin"
     bundled_model: Path = BUNDLED_MODEL_DIR
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE_SECONDS:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} ({ENV_PREFIX}{name.upper()}) must be a number of seconds above 0, "
+                                 f"not {value!r}")
+        if self.api_token_scope not in API_TOKEN_SCOPES:
+            raise ValueError(f"api_token_scope ({ENV_PREFIX}API_TOKEN_SCOPE) must be one of "
+                             f"{', '.join(API_TOKEN_SCOPES)}, not {self.api_token_scope!r}")
 
     @property
     def worker_count(self) -> int:
@@ -119,7 +137,14 @@ def load_settings(
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
+    coerced: dict[str, Any] = {}
+    for key, value in values.items():
+        try:
+            coerced[key] = _coerce(value, types[key])
+        except ValueError:
+            raise ValueError(f"bad setting: {key} ({ENV_PREFIX}{key.upper()}) must be "
+                             f"{_TYPE_WORDS.get(str(types[key]), str(types[key]))}, not {value!r}") from None
     try:
-        return Settings(**{k: _coerce(v, types[k]) for k, v in values.items()})
+        return Settings(**coerced)
     except ValueError as exc:
         raise ValueError(f"bad setting: {exc}") from exc

@@ -5,7 +5,14 @@ candidate with its own settle timer, restarted by any change under it. It is han
 
 - a file: its size and mtime stayed the same for ``settle_seconds`` and, when it starts like a zip,
   the central directory (written last) is readable;
-- a folder: nothing in it changed for ``settle_seconds`` and no temp-named file lies in it.
+- a folder: nothing in it changed for ``settle_seconds`` and no temp-named file lies in it;
+- a download the twin committed to ``staging/`` (``partfile.commit``): at once. It was renamed
+  into place whole, after its ``.intent.json``, which records its size; a file of that size beside
+  such an intent needs no settle wait. Anything else in staging (no intent, an intent naming
+  another size) settles like a dropped file: an odd case costs the settle wait, nothing more.
+
+A zip that stays incomplete (a copy that stopped half-way) is handed over anyway after
+``incomplete_timeout``, and the pipeline quarantines it.
 
 A sidecar (``x.zip.sha256``, ``.md5``, ``.intent.json``) restarts its package's timer, so one that
 arrives just after the package is still read. Temp and editor names are never candidates, nor are
@@ -13,9 +20,9 @@ dot-names (the repository builds versions in ``staging/.tmp-*``).
 
 Packages present at start are picked up too. Notifications come from the OS (inotify) through
 ``watchfiles`` (checked in the dev container, ext4: events arrive ~15 ms after a write;
-polling took ~120 ms at a 100 ms delay). A slow rescan catches what a filesystem without
-notifications (a network share) never reports; ``WATCHFILES_FORCE_POLLING=1`` switches watchfiles
-to polling outright.
+polling took ~120 ms at a 100 ms delay). A slow rescan (every ``rescan_seconds`` without a
+notification) catches what a filesystem without notifications (a network share) never reports;
+``WATCHFILES_FORCE_POLLING=1`` switches watchfiles to polling outright.
 Packages are processed one after the other; a package the pipeline leaves in place is not retried
 until it changes (the pipeline quarantines bad packages, so that should not happen).
 """
@@ -23,6 +30,7 @@ until it changes (the pipeline quarantines bad packages, so that should not happ
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import stat
@@ -40,7 +48,9 @@ __all__ = ["PackageWatcher", "is_candidate_name", "sidecar_owner"]
 
 log = structlog.get_logger(__name__)
 
-SIDECAR_SUFFIXES = (".intent.json", ".sha256", ".md5")
+# supervisor.validation.INTENT_SUFFIX (not imported: it would pull the runtimes into this module).
+_INTENT_SUFFIX = ".intent.json"
+SIDECAR_SUFFIXES = (_INTENT_SUFFIX, ".sha256", ".md5")
 # Names copy tools, browsers and editors give to files still being written.
 _TEMP_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".opdownload", ".tmp", ".temp", ".swp", "~")
 _TEMP_PREFIXES = ("~$", ".~lock", ".tmp-")
@@ -128,6 +138,23 @@ def _folder_snapshot(path: Path) -> _Snapshot | None:
     return _Snapshot(("dir", *entries), complete)
 
 
+def _is_committed(path: Path, snap: _Snapshot) -> bool:
+    """Whether ``path``, as ``snap`` saw it, is a download ``partfile.commit`` renamed into place:
+    its intent (renamed in first) records the size the file has. Blocking (a stat and a small read)."""
+    try:
+        raw = json.loads(path.with_name(path.name + _INTENT_SUFFIX).read_text("utf-8"))
+        st = path.lstat()
+    except (OSError, ValueError):
+        return False
+    size = raw.get("size") if isinstance(raw, dict) else None
+    return (
+        snap.complete
+        and stat.S_ISREG(st.st_mode)
+        and type(size) is int
+        and snap.state == (st.st_ino, size, st.st_mtime_ns)
+    )
+
+
 def _list_candidates(folder: Path) -> list[str]:
     try:
         return sorted(name for name in os.listdir(folder) if is_candidate_name(name))
@@ -152,6 +179,7 @@ class PackageWatcher:
         """``incomplete_timeout``: how long a stable but incomplete zip (a copy that stopped
         half-way) is waited for before the pipeline gets it anyway and quarantines it.
         ``rescan_seconds``: the safety-net rescan when no notification arrived meanwhile.
+        The service passes the settings of the same names (``incomplete_timeout_seconds``).
         ``force_polling``: None lets watchfiles decide (``WATCHFILES_FORCE_POLLING``)."""
         self.pipeline = pipeline
         # Absolute, not resolved: inotify reports absolute paths under the path as given (through
@@ -170,7 +198,8 @@ class PackageWatcher:
         """Watch until cancelled. Packages already in the folders are picked up first."""
         for root in self.roots:
             await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
-        log.info("watcher_started", folders=[str(r) for r in self.roots], settle_s=self.settle_seconds)
+        log.info("watcher_started", folders=[str(r) for r in self.roots], settle_s=self.settle_seconds,
+                 incomplete_timeout_s=self.incomplete_timeout, rescan_s=self.rescan_seconds)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._consume(), name="watcher-process")
@@ -234,12 +263,16 @@ class PackageWatcher:
         task.add_done_callback(lambda t: self._timers.pop(path, None) if self._timers.get(path) is t else None)
 
     async def _settle(self, path: Path, source: str) -> None:
-        """Wait until ``path`` has been quiet for a settle period and is complete; then queue it."""
+        """Wait until ``path`` has been quiet for a settle period and is complete; then queue it.
+        A download committed to staging is queued at once."""
         before = await asyncio.to_thread(_snapshot, path)
         if before is None:
             self._done.pop(path, None)
             return
         if self._done.get(path) == before:
+            return
+        if source == "staging" and await asyncio.to_thread(_is_committed, path, before):
+            self._ready.put_nowait((path, source, before))
             return
         incomplete_since: float | None = None
         while True:

@@ -78,13 +78,14 @@ StartWatcher = Callable[..., Awaitable[PackageWatcher]]
 @pytest.fixture
 async def start_watcher(settings: Settings, repo: Repository) -> AsyncIterator[StartWatcher]:
     """``await start_watcher(pipeline, **options)``: a PackageWatcher on the (existing) inbox and
-    staging, running as a task until the test ends (its errors fail the test)."""
+    staging, running as a task until the test ends (its errors fail the test). ``options`` are
+    PackageWatcher's keywords; ``settle_seconds`` defaults to the settings' one."""
     tasks: list[asyncio.Task[None]] = []
 
     async def start(pipeline: Any, **options: Any) -> PackageWatcher:
         options.setdefault("incomplete_timeout", 3.0)
-        watcher = PackageWatcher(pipeline, settings.inbox_dir, settings.staging_dir, settings.settle_seconds,
-                                 **options)
+        settle = options.pop("settle_seconds", settings.settle_seconds)
+        watcher = PackageWatcher(pipeline, settings.inbox_dir, settings.staging_dir, settle, **options)
         tasks.append(asyncio.create_task(watcher.run(), name="test-watcher"))
         await asyncio.sleep(0.1)  # let the initial scan and the OS watch start
         return watcher

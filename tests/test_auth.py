@@ -57,7 +57,13 @@ def test_the_token_stays_out_of_settings_repr_and_a_bad_scope_is_refused(tmp_pat
     settings = load_settings({"data_dir": tmp_path}, env={"EDGELOADER_API_TOKEN": TOKEN})
     assert settings.api_token == TOKEN and settings.api_token_scope == "admin"
     assert TOKEN not in repr(settings)
-    bad = load_settings({"data_dir": tmp_path}, env={"EDGELOADER_API_TOKEN": TOKEN,
-                                                     "EDGELOADER_API_TOKEN_SCOPE": "everything"})
-    with pytest.raises(ValueError, match="api_token_scope"):
-        build_app(bad, services=False)
+    with pytest.raises(ValueError, match=r"EDGELOADER_API_TOKEN_SCOPE.*admin, all.*'everything'"):
+        load_settings({"data_dir": tmp_path}, env={"EDGELOADER_API_TOKEN": TOKEN,
+                                                   "EDGELOADER_API_TOKEN_SCOPE": "everything"})
+
+
+def test_a_setting_that_is_not_a_number_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"rescan_seconds \(EDGELOADER_RESCAN_SECONDS\) must be a number, not 'abc'"):
+        load_settings({"data_dir": tmp_path}, env={"EDGELOADER_RESCAN_SECONDS": "abc"})
+    with pytest.raises(ValueError, match=r"port \(EDGELOADER_PORT\) must be a whole number, not '80a'"):
+        load_settings({"data_dir": tmp_path}, env={"EDGELOADER_PORT": "80a"})

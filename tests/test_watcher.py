@@ -8,6 +8,8 @@ or quarantining each package."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -16,11 +18,14 @@ from typing import TYPE_CHECKING
 import pytest
 from packages import last, ssd_files, states, write_zip, zip_bytes
 
+from supervisor.app import build_app
 from supervisor.engine import Engine
 from supervisor.events import EventBus
+from supervisor.keys import PIPELINE
+from supervisor.partfile import commit
 from supervisor.pipeline import Pipeline
 from supervisor.repository import Repository
-from supervisor.settings import Settings
+from supervisor.settings import Settings, load_settings
 from supervisor.watcher import PackageWatcher, is_candidate_name, sidecar_owner
 
 if TYPE_CHECKING:
@@ -220,6 +225,73 @@ async def test_a_copy_that_resumes_is_taken_whole(
     await wait_until(lambda: active_events(events), within=5, what="the activation")
     assert active_events(events) == [("tiny-ssd", "7")]
     assert "rejected" not in states(events)
+
+
+async def test_the_incomplete_timeout_setting_reaches_the_service_watcher(
+    aiohttp_client, tmp_path: Path, wait_until: WaitUntil,
+) -> None:
+    """EDGELOADER_INCOMPLETE_TIMEOUT_SECONDS shortens the wait for a cut copy (120 s by default)."""
+    settings = load_settings(
+        {"data_dir": tmp_path, "twin": "off", "settle_seconds": 0.2, "workers": 1, "runtime_threads": 1},
+        env={"EDGELOADER_INCOMPLETE_TIMEOUT_SECONDS": "1.5", "EDGELOADER_RESCAN_SECONDS": "2"},
+    )
+    assert (settings.incomplete_timeout_seconds, settings.rescan_seconds) == (1.5, 2.0)
+    client = await aiohttp_client(build_app(settings))
+    data = zip_bytes(ssd_files("tiny-ssd", "8"))
+    (settings.inbox_dir / "cut.zip").write_bytes(data[: len(data) // 2])
+    started = time.monotonic()
+    quarantine = client.app[PIPELINE].quarantine
+    await wait_until(quarantine.entries, within=15, what="the cut copy to be quarantined")
+    assert time.monotonic() - started >= 1.5, "an incomplete zip is waited for first"
+    rejected = (await (await client.get("/models")).json())["rejected"]
+    assert [e["package"] for e in rejected] == ["cut.zip"]
+    assert "truncated" in rejected[0]["reason"]
+
+
+@pytest.mark.parametrize("name", ["settle_seconds", "incomplete_timeout_seconds", "rescan_seconds"])
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_watcher_durations_must_be_positive(name: str, value: str) -> None:
+    env_name = f"EDGELOADER_{name.upper()}"
+    with pytest.raises(ValueError, match=rf"bad setting: {name} \({env_name}\) must be a number of seconds above 0"):
+        load_settings(env={env_name: value})
+
+
+async def test_a_download_committed_to_staging_is_taken_at_once(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    """partfile.commit() renames a verified download into staging whole: no settle wait (5 s here),
+    while a file dropped into the inbox at the same moment still waits for it."""
+    recorder = Recorder()
+    await start_watcher(recorder, settle_seconds=5.0)
+    data = zip_bytes({"a": os.urandom(100_000)})
+    part = settings.staging_dir / "m.zip.part"
+    part.write_bytes(data)
+    (settings.inbox_dir / "dropped.zip").write_bytes(data)
+    started = time.monotonic()
+    await asyncio.to_thread(commit, part, settings.staging_dir / "m.zip",
+                            {"source": "twin", "sha256": hashlib.sha256(data).hexdigest()})
+    await wait_until(lambda: recorder.calls, within=1.0, what="the committed package, well before the settle time")
+    assert recorder.calls == [("m.zip", "staging")]
+    assert time.monotonic() - started < 1.0
+    await wait_until(lambda: len(recorder.calls) == 2, within=8, what="the dropped package")
+    assert recorder.calls[1] == ("dropped.zip", "inbox")
+    assert time.monotonic() - started >= 5.0, "a dropped file still waits for the settle time"
+
+
+async def test_staging_without_a_matching_intent_waits_for_settle(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    """A file in staging is taken at once only when its intent names its size: one whose intent
+    is stale (a crash between the renames, then another file under that name) settles first."""
+    recorder = Recorder()
+    await start_watcher(recorder, settle_seconds=2.0)
+    data = zip_bytes({"a": os.urandom(50_000)})
+    (settings.staging_dir / "m.zip.intent.json").write_text(json.dumps({"source": "twin", "size": len(data) + 1}))
+    started = time.monotonic()
+    (settings.staging_dir / "m.zip").write_bytes(data)
+    await wait_until(lambda: recorder.calls, within=5, what="the package")
+    assert time.monotonic() - started >= 2.0
+    assert recorder.calls == [("m.zip", "staging")]
 
 
 async def test_polling_mode(settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil) -> None:
