@@ -63,8 +63,12 @@ def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
         raise PackageError("not a valid zip file (truncated, or not a zip at all)") from exc
+    from handlers.ort_cache import is_runtime_cache  # here: the watcher imports this module, not runtimes
+
     with zf:
-        members = [i for i in zf.infolist() if not i.is_dir()]
+        # An optimised-model cache is derived per device (handlers/runtimes.py): never taken in.
+        members = [i for i in zf.infolist() if not i.is_dir()
+                   and not is_runtime_cache(PurePosixPath(i.filename.replace("\\", "/")))]
         if len(members) > limits.max_files:
             raise PackageError(f"archive holds {len(members)} files; the limit is {limits.max_files}")
         for info in members:
@@ -104,9 +108,13 @@ def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
 
 
 def _copy_folder(src: Path, dest: Path, limits: ArchiveLimits) -> None:
+    from handlers.ort_cache import is_runtime_cache  # here: the watcher imports this module, not runtimes
+
     files = []
     total = 0
     for path in sorted(src.rglob("*")):
+        if is_runtime_cache(path.relative_to(src)):  # derived per device: never taken in
+            continue
         if path.is_symlink():
             raise PackageError(f"{path.relative_to(src)} is a symlink; only regular files are allowed")
         if path.is_dir():

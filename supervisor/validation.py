@@ -12,6 +12,7 @@ from pathlib import Path
 
 import structlog
 
+from handlers.ort_cache import is_runtime_cache
 from supervisor.archive import ArchiveLimits, unpack_package
 from supervisor.engine import LoadedModel, load_and_warm
 from supervisor.package import Manifest, PackageError, file_sha256, read_manifest, verify_files
@@ -39,7 +40,8 @@ def package_sha256(path: Path) -> str:
     if path.is_file():
         return file_sha256(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    # Not an optimised-model cache a runtime may have written into the folder: derived data.
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not is_runtime_cache(p.relative_to(path))):
         h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode())
     return h.hexdigest()
 

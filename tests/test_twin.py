@@ -579,8 +579,8 @@ async def test_real_app_happy_path(iot_hub: IotHub, blob_store: BlobStore, tmp_p
     monkeypatch.setenv("EDGELOADER_CA_CERT", str(iot_hub.ca_file))
     settings = load_settings({
         "data_dir": tmp_path / "data", "twin": "auto", "connection_string": iot_hub.connection_string,
-        "settle_seconds": 0.2, "workers": 2, "runtime_threads": 1,
-    }, env={})
+        "workers": 2, "runtime_threads": 1,
+    }, env={})  # the default settle_seconds: a staged download does not wait for it
     runner = web.AppRunner(build_app(settings))
     await runner.setup()
     try:
