@@ -33,11 +33,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import percentiles, read_status_kb, reset_peak_rss
+from common import memory_growth, percentiles, read_status_kb, reset_peak_rss
 
 from handlers.imaging import decode_image
 from handlers.runtimes import open_runtime
 from supervisor.engine import Engine, LoadedModel
+from supervisor.memory import pin_mmap_threshold
 from supervisor.settings import load_settings
 
 _LIBC = ctypes.CDLL("libc.so.6")
@@ -169,9 +170,7 @@ class Bench:
             gc.collect()
             trim()
             after.append(rss_kb())
-        half = n // 2
-        # The floor, not the last value: RSS swings by tens of MB with what the allocator keeps.
-        growth = min(after[half:]) - min(after[5:half]) if n >= 20 else after[-1] - after[0]
+        growth = memory_growth(after)
         return {"n": n, "rss_after_kb": after, "growth_kb": growth, "loaded_kb": loaded,
                 "growth_vs_loaded": round(growth / loaded, 3) if loaded > 0 else None}
 
@@ -182,6 +181,7 @@ async def main() -> int:
     results = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     settings = load_settings({"twin": "off"})
+    pin_mmap_threshold()  # as `edgeloader serve` does: the same memory behaviour as the service
     engine = Engine(workers=settings.worker_count, runtime_threads=settings.runtime_threads,
                     max_image_pixels=settings.max_image_pixels, default_threshold=settings.score_threshold)
     model = await engine.load(package)

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH, CACHE, ROOT, Server, percentiles, read_status_kb, reset_peak_rss, wrk
+from common import BENCH, CACHE, ROOT, Server, memory_growth, percentiles, read_status_kb, reset_peak_rss, wrk
 from loadgen import Load, Sample
 
 RESULTS = BENCH / "results.json"
@@ -234,16 +234,6 @@ async def swaps_under_load(server: Server, name: str, swaps: int = 20, clients: 
     }
 
 
-def _floor_growth(after: list[int]) -> int:
-    """Lowest RSS in the second half of the swaps minus lowest in the first (after 5 to settle).
-
-    RSS between swaps swings by tens of MB with what the allocator keeps (even trimmed: a
-    tiny-YOLOv3 process swings 150-230 MB over 150 cycles with a steady 150 MB floor); a leak
-    raises the floor."""
-    half = max(len(after) // 2, 6)
-    return min(after[half:]) - min(after[5:half])
-
-
 async def memory_over_swaps(server: Server, name: str, loaded_kb: int, swaps: int = 50) -> dict[str, Any]:
     """Under a light load (1 client): steady peak, then per swap the peak and the RSS after it."""
     load = Load("127.0.0.1", server.port, SMALL.read_bytes(), 1)
@@ -264,7 +254,7 @@ async def memory_over_swaps(server: Server, name: str, loaded_kb: int, swaps: in
         after.append(server.rss_kb())
     await load.stop()
     over = max(peaks) - steady_peak
-    growth = float(_floor_growth(after))
+    growth = float(memory_growth(after))
     slope = float(np.polyfit(np.arange(10, swaps), after[10:], 1)[0]) if swaps > 12 else float("nan")
     return {
         "swaps": swaps, "steady_peak_kb": steady_peak, "steady_rss_kb": steady_rss,

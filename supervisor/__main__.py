@@ -29,6 +29,7 @@ def _serve(argv: list[str]) -> int:
 
     from supervisor.app import StartupError, build_app
     from supervisor.logs import configure_logging
+    from supervisor.memory import pin_mmap_threshold
     from supervisor.settings import load_settings
 
     try:
@@ -40,6 +41,7 @@ def _serve(argv: list[str]) -> int:
         print(f"edgeloader: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level)
+    pin_mmap_threshold()  # before any model is loaded
     app = build_app(settings, import_path=args.model)
     try:
         # run_app turns SIGTERM/SIGINT into a graceful stop: listeners close, in-flight requests
