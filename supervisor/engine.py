@@ -84,12 +84,15 @@ def load_model(
     runtime_threads: int = 1,
     manifest: Manifest | None = None,
     workers: int = 0,
+    key: tuple[str, str] | None = None,
 ) -> LoadedModel:
     """Load a version folder: manifest, labels, runtime, handler; checks that they fit together.
 
+    ``key``: the (name, version) a stored version has in the repository, for a package whose
+    model.json does not say (otherwise the model would answer as its file name, version "1").
     Blocking: call it in a worker thread. Raises ModelInvalid with the reason."""
     try:
-        manifest = manifest or read_manifest(folder)
+        manifest = manifest or read_manifest(folder, *(key or (None, None)))
         labels = read_labels(folder, manifest)
         runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers)
         handler = choose_handler(runtime.signature, manifest.handler, manifest.handler_options)
@@ -122,12 +125,13 @@ def load_and_warm(
     runtime_threads: int = 1,
     manifest: Manifest | None = None,
     workers: int = 0,
+    key: tuple[str, str] | None = None,
 ) -> LoadedModel:
     """``load_model``, then a blank image through the whole path (the engine, ``edgeloader verify``).
 
     The warm-up catches output shapes a handler cannot decode and pays the runtime's first-call
     cost before real requests arrive. Blocking; raises ModelInvalid with the reason."""
-    model = load_model(folder, default_threshold, runtime_threads, manifest, workers)
+    model = load_model(folder, default_threshold, runtime_threads, manifest, workers, key)
     try:
         w, h = model.handler.input_size
         blank = Image.new("RGB", (max(w, 1), max(h, 1)), (114, 114, 114))
@@ -192,13 +196,18 @@ class Engine:
 
     # -- loading and swapping ------------------------------------------------------------------
 
-    async def load(self, folder: Path, manifest: Manifest | None = None) -> LoadedModel:
-        """Load and warm up a model in the pool; the active model keeps serving meanwhile."""
+    async def load(
+        self, folder: Path, manifest: Manifest | None = None, key: tuple[str, str] | None = None
+    ) -> LoadedModel:
+        """Load and warm up a model in the pool; the active model keeps serving meanwhile.
+        ``key``: a stored version's (name, version), see ``load_model``."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.loader, self._load_and_warm, folder, manifest)
+        return await loop.run_in_executor(self.loader, self._load_and_warm, folder, manifest, key)
 
-    def _load_and_warm(self, folder: Path, manifest: Manifest | None) -> LoadedModel:
-        return load_and_warm(folder, self.default_threshold, self.runtime_threads, manifest, self.workers)
+    def _load_and_warm(
+        self, folder: Path, manifest: Manifest | None, key: tuple[str, str] | None
+    ) -> LoadedModel:
+        return load_and_warm(folder, self.default_threshold, self.runtime_threads, manifest, self.workers, key)
 
     def swap(self, model: LoadedModel) -> LoadedModel | None:
         """Make ``model`` active; the old one is closed once its in-flight requests finish."""

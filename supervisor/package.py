@@ -67,8 +67,18 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _visible(folder: Path, pattern: str) -> list[Path]:
+    """Files under ``folder`` matching ``pattern``, leaving out hidden paths: they are never package
+    content (``edgeloader pack`` skips them) but derived data, such as a runtime's optimised-model
+    cache, which may hold a half-written ``.onnx`` after a crash."""
+    return sorted(
+        p for p in folder.rglob(pattern)
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
 def _find_model_file(folder: Path) -> str:
-    models = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES)
+    models = [p for p in _visible(folder, "*") if p.suffix.lower() in MODEL_SUFFIXES]
     if not models:
         raise PackageError("no model file in the package: expected one *.onnx or *.tflite")
     if len(models) > 1:
@@ -79,10 +89,10 @@ def _find_model_file(folder: Path) -> str:
 
 def _find_labels_file(folder: Path) -> str | None:
     for name in LABEL_FILE_NAMES:
-        hits = sorted(folder.rglob(name))
+        hits = _visible(folder, name)
         if hits:
             return str(hits[0].relative_to(folder))
-    names = sorted(folder.rglob("*.names"))
+    names = _visible(folder, "*.names")
     return str(names[0].relative_to(folder)) if names else None
 
 

@@ -108,7 +108,7 @@ class Pipeline:
         async with self._lock:
             for version in candidates:
                 try:
-                    model = await self.engine.load(version.path)
+                    model = await self.engine.load(version.path, key=version.key)
                 except ModelInvalid as exc:
                     log.error("stored_model_unusable", name=version.name, version=version.version, reason=str(exc))
                     continue
@@ -121,7 +121,7 @@ class Pipeline:
         manifest = await self._blocking(read_manifest, bundled)
         version = self.repo.get(manifest.name, manifest.version)
         if version is not None:
-            model = await self.engine.load(version.path)
+            model = await self.engine.load(version.path, key=version.key)
         else:
             workdir = await self._blocking(self.repo.new_workdir)
             try:
@@ -216,7 +216,7 @@ class Pipeline:
         wanted = installed.record.get("activate", True) if intent.activate is None else intent.activate
         current = self.repo.current()
         if wanted and (current is None or current.key != installed.key):
-            model = await self.engine.load(installed.path)
+            model = await self.engine.load(installed.path, key=installed.key)
             await self._make_active(model, installed, intent.source, name, sha)
 
     async def _make_active(
@@ -243,7 +243,7 @@ class Pipeline:
             package = stored.record.get("package", "")
             self._emit("activating", source, package, name=name, version=version)
             try:
-                model = await self.engine.load(stored.path)
+                model = await self.engine.load(stored.path, key=stored.key)
             except ModelInvalid as exc:
                 self._emit("failed", source, package, name=name, version=version, reason=str(exc))
                 raise

@@ -20,6 +20,7 @@ from handlers.ort_cache import OPTIMIZED_CACHE_DIR
 from handlers.runtimes import OnnxRuntime, open_runtime
 from supervisor.archive import ArchiveLimits, unpack_package
 from supervisor.engine import Engine
+from supervisor.package import read_manifest
 from supervisor.pipeline import Pipeline
 from supervisor.repository import Repository
 from supervisor.validation import package_sha256
@@ -191,3 +192,21 @@ async def test_installed_versions_keep_their_cache(
         await pipeline.activate("tiny-ssd", "1")
     assert loads(logs) == ["onnx_cache_written"]
     assert engine.active is not None and engine.active.info.version == "1"
+
+
+async def test_a_cache_write_cut_by_a_crash_does_not_break_the_version(
+    pipeline: Pipeline, engine: Engine, repo: Repository
+) -> None:
+    """kill -9 during a cache write leaves .ort-cache/.tmp-*/plain.onnx: still one model in the version
+    (a package without model.json, where the model file is found by looking)."""
+    files = {k: v for k, v in ssd_files("tiny-ssd", "1").items() if k != "model.json"}
+    installed = await pipeline.process(write_zip(repo.inbox_dir / "tiny-ssd.zip", files), source="inbox")
+    assert installed is not None and installed.name == "tiny-ssd"
+    leftover = installed.path / OPTIMIZED_CACHE_DIR / ".tmp-0123456789ab" / "plain.onnx"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes((installed.path / "model.onnx").read_bytes()[:1000])  # half written
+    assert read_manifest(installed.path).model_file == "model.onnx"
+    await pipeline.activate("blazeface-short-range", "1")
+    await pipeline.activate("tiny-ssd", installed.version)
+    assert engine.active is not None
+    assert (engine.active.info.name, engine.active.info.version) == ("tiny-ssd", installed.version)

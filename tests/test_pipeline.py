@@ -62,6 +62,14 @@ async def test_folder_packages_and_name_from_the_file(pipeline: Pipeline, engine
     assert len(version.version) == 12, "no version given: the package hash names it"
     assert active_key(engine) == version.key
     assert not folder.exists()
+    # After a restart, and after switching away and back, it still answers under the name and
+    # version the repository gave it (not its file name and "1": model.json does not say).
+    restarted = Pipeline(pipeline.settings, repo, engine, EventBus())
+    await restarted.start()
+    assert active_key(engine) == version.key
+    await restarted.activate("blazeface-short-range", "1")
+    await restarted.activate(*version.key)
+    assert active_key(engine) == version.key
 
 
 async def test_activate_false_stores_without_activating(
