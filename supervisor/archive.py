@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from supervisor.package import PackageError
+from supervisor.pathrules import PackageError, walk_files
 
 __all__ = ["ArchiveLimits", "is_complete_zip", "unpack_package"]
 
@@ -110,27 +110,37 @@ def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
 def _copy_folder(src: Path, dest: Path, limits: ArchiveLimits) -> None:
     from handlers.ort_cache import is_runtime_cache  # here: the watcher imports this module, not runtimes
 
-    files = []
+    files: list[PurePosixPath] = []
     total = 0
-    for path in sorted(src.rglob("*")):
-        if is_runtime_cache(path.relative_to(src)):  # derived per device: never taken in
+    # Iterative and depth-capped (walk_files): a folder nested a thousand deep is refused, not a
+    # RecursionError. Only regular files with one link are taken: a symlink or a hard link could
+    # bring in a file from outside the package (a hard link to /etc/shadow looks like a file).
+    for rel, st in walk_files(src, max_entries=max(limits.max_files * 4, 256)):
+        if is_runtime_cache(rel):  # derived per device: never taken in
             continue
-        if path.is_symlink():
-            raise PackageError(f"{path.relative_to(src)} is a symlink; only regular files are allowed")
-        if path.is_dir():
-            continue
-        if not path.is_file():
-            raise PackageError(f"{path.relative_to(src)} is a special file; only regular files are allowed")
-        files.append(path)
-        total += path.stat().st_size
-    if len(files) > limits.max_files:
-        raise PackageError(f"package folder holds {len(files)} files; the limit is {limits.max_files}")
-    if total > limits.max_bytes:
-        raise PackageError(f"package folder holds {total} bytes; the limit is {limits.max_bytes}")
-    for path in files:
-        target = dest / path.relative_to(src)
+        if stat.S_ISLNK(st.st_mode):
+            raise PackageError(f"{_shown(rel)} is a symlink; only regular files are allowed")
+        if not stat.S_ISREG(st.st_mode):
+            raise PackageError(f"{_shown(rel)} is a special file; only regular files are allowed")
+        if st.st_nlink > 1:
+            raise PackageError(f"{_shown(rel)} is a hard link; copy the file into the package instead")
+        files.append(rel)
+        total += st.st_size
+        if len(files) > limits.max_files:
+            raise PackageError(f"package folder holds more than {limits.max_files} files; the limit is "
+                               f"{limits.max_files}")
+        if total > limits.max_bytes:
+            raise PackageError(f"package folder holds more than {limits.max_bytes} bytes; the limit is "
+                               f"{limits.max_bytes}")
+    for rel in files:
+        target = dest.joinpath(*rel.parts)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
+        shutil.copyfile(src.joinpath(*rel.parts), target, follow_symlinks=False)
+
+
+def _shown(rel: PurePosixPath) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in str(rel))
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def unpack_package(source: Path, dest: Path, limits: ArchiveLimits) -> None:

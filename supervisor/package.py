@@ -7,15 +7,18 @@ sidecars, or ``.tflite``), a labels file, and an optional ``model.json`` manifes
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
-import io
 import json
 import re
+import stat
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from supervisor.pathrules import PackageError, member_path, walk_files
 
 __all__ = [
     "LABEL_FILE_NAMES",
@@ -31,10 +34,10 @@ MANIFEST_NAME = "model.json"
 MODEL_SUFFIXES = (".onnx", ".tflite")
 LABEL_FILE_NAMES = ("labels.txt", "labelmap.txt", "coco_classes.txt")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class PackageError(ValueError):
-    """A package is malformed; the message says what to fix."""
+# Read before anything else: a manifest or a labels file is text of a few kilobytes; a 50 MB one is
+# an attack on the loader's memory, not a package.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_LABELS_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -68,13 +71,24 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _visible(folder: Path, pattern: str) -> list[Path]:
-    """Files under ``folder`` matching ``pattern``, leaving out hidden paths: they are never package
-    content (``edgeloader pack`` skips them) but derived data, such as a runtime's optimised-model
-    cache, which may hold a half-written ``.onnx`` after a crash."""
+    """Regular files under ``folder`` whose name matches ``pattern``, leaving out hidden paths: they
+    are never package content (``edgeloader pack`` skips them) but derived data, such as a runtime's
+    optimised-model cache, which may hold a half-written ``.onnx`` after a crash."""
     return sorted(
-        p for p in folder.rglob(pattern)
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        folder / rel for rel, st in walk_files(folder, skip_hidden=True)
+        if stat.S_ISREG(st.st_mode) and fnmatch.fnmatch(rel.name, pattern)
     )
+
+
+def read_small_text(path: Path, limit: int, what: str) -> str:
+    """A package's text file (manifest, labels), refused unread when over ``limit`` bytes."""
+    size = path.lstat().st_size
+    if size > limit:
+        raise PackageError(f"{what} is {size} bytes; the limit is {limit}")
+    try:
+        return path.read_text("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PackageError(f"{what} is not UTF-8 text") from exc
 
 
 def _find_model_file(folder: Path) -> str:
@@ -102,23 +116,31 @@ def read_manifest(folder: Path, fallback_name: str | None = None, fallback_versi
     ``fallback_name``/``fallback_version`` come from the package's file name or its hash."""
     raw: dict[str, Any] = {}
     manifest_path = folder / MANIFEST_NAME
-    if manifest_path.is_file():
+    if manifest_path.exists() or manifest_path.is_symlink():
+        member_path(folder, MANIFEST_NAME, MANIFEST_NAME)  # a regular file, not a link to one
         try:
-            raw = json.loads(manifest_path.read_text("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raw = json.loads(read_small_text(manifest_path, MAX_MANIFEST_BYTES, MANIFEST_NAME))
+        except json.JSONDecodeError as exc:
             raise PackageError(f"model.json is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
             raise PackageError("model.json must hold a JSON object")
-    model_file = raw.get("model") or _find_model_file(folder)
-    if not (folder / model_file).is_file():
-        raise PackageError(f"model.json names model {model_file!r}, which is not in the package")
+    if raw.get("model"):
+        model_file = member_path(folder, raw["model"], "model.json 'model'")
+    else:
+        model_file = _find_model_file(folder)
     if Path(model_file).suffix.lower() not in MODEL_SUFFIXES:
-        raise PackageError(f"model {model_file!r} is neither .onnx nor .tflite")
-    labels_file = raw.get("labels") or _find_labels_file(folder)
-    if labels_file and not (folder / labels_file).is_file():
-        raise PackageError(f"model.json names labels {labels_file!r}, which is not in the package")
+        raise PackageError("model.json 'model' is neither a .onnx nor a .tflite file")
+    if raw.get("labels"):
+        labels_file: str | None = member_path(folder, raw["labels"], "model.json 'labels'")
+    else:
+        labels_file = _find_labels_file(folder)
     files = raw.get("files") or {}
     if not isinstance(files, dict):
+        raise PackageError("model.json 'files' must map file names to SHA-256 hex digests")
+    # Checked here, before any hashing: an entry naming a file outside must not get a checksum
+    # (nor a "missing") answer that tells the sender something about that file.
+    files = {member_path(folder, k, "model.json 'files'"): v for k, v in files.items()}
+    if not all(isinstance(v, str) and re.fullmatch(r"[0-9A-Fa-f]{64}", v) for v in files.values()):
         raise PackageError("model.json 'files' must map file names to SHA-256 hex digests")
     threshold = raw.get("score_threshold")
     if threshold is not None and not (isinstance(threshold, int | float) and 0.0 <= threshold <= 1.0):
@@ -152,7 +174,7 @@ def _labels_from_text(text: str) -> list[str]:
 def tflite_embedded_labels(model_path: Path) -> list[str] | None:
     """Labels packed in TFLite metadata: the .tflite doubles as a zip holding a labels file."""
     try:
-        with zipfile.ZipFile(io.BytesIO(model_path.read_bytes())) as zf:
+        with zipfile.ZipFile(model_path) as zf:
             for info in zf.infolist():
                 if info.filename.endswith(".txt") and info.file_size < 1_000_000:
                     return _labels_from_text(zf.read(info).decode("utf-8", "replace"))
@@ -164,21 +186,17 @@ def tflite_embedded_labels(model_path: Path) -> list[str] | None:
 def read_labels(folder: Path, manifest: Manifest) -> list[str]:
     """The class names, from the labels file or the TFLite metadata; [] when there are none."""
     if manifest.labels_file:
-        try:
-            return _labels_from_text((folder / manifest.labels_file).read_text("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise PackageError(f"labels file {manifest.labels_file} is not UTF-8 text") from exc
+        labels = member_path(folder, manifest.labels_file, "the labels file")
+        return _labels_from_text(read_small_text(folder / labels, MAX_LABELS_BYTES, f"labels file {labels}"))
     if manifest.model_file.lower().endswith(".tflite"):
-        return tflite_embedded_labels(folder / manifest.model_file) or []
+        return tflite_embedded_labels(folder / member_path(folder, manifest.model_file, "the model file")) or []
     return []
 
 
 def verify_files(folder: Path, manifest: Manifest) -> None:
     """Check every file the manifest lists against its SHA-256."""
     for rel, expected in manifest.files.items():
-        path = folder / rel
-        if not path.is_file():
-            raise PackageError(f"model.json lists {rel}, which is not in the package")
+        path = folder / member_path(folder, rel, "model.json 'files'")
         actual = file_sha256(path)
         if actual != expected:
             raise PackageError(f"checksum mismatch for {rel}: manifest {expected[:12]}…, file {actual[:12]}…")

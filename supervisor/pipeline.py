@@ -24,6 +24,7 @@ from supervisor.engine import Engine, LoadedModel
 from supervisor.errors import Conflict, ModelInvalid, NotFound
 from supervisor.events import EventBus, ModelEvent, State
 from supervisor.package import PackageError, read_manifest
+from supervisor.pathrules import public_reason
 from supervisor.quarantine import Quarantine
 from supervisor.repository import TMP_PREFIX, InstalledVersion, Repository
 from supervisor.settings import Settings
@@ -108,7 +109,7 @@ class Pipeline:
         async with self._lock:
             for version in candidates:
                 try:
-                    model = await self.engine.load(version.path, key=version.key)
+                    model = await self._load_stored(version)
                 except ModelInvalid as exc:
                     log.error("stored_model_unusable", name=version.name, version=version.version, reason=str(exc))
                     continue
@@ -141,14 +142,24 @@ class Pipeline:
         """Take one complete package (file or folder): install it, maybe activate it, or
         quarantine it with the reason. Never raises for a bad package."""
         async with self._lock:
-            if not package.exists():
+            if not (package.exists() or package.is_symlink()):
                 return None
-            intent = read_intent(package, source)
-            source = intent.source
             name = package.name
-            self._emit("received", source, name)
             sha: str | None = None
+            reason: str | None
             try:
+                # Sidecars and the intent are read in the loader thread: they are untrusted files
+                # of any size until checked, and the event loop serves requests meanwhile.
+                intent = await self._blocking(read_intent, package, source)
+            except PackageError as exc:
+                intent, reason = Intent(source=source), str(exc)
+            else:
+                reason = None
+            source = intent.source
+            self._emit("received", source, name)
+            try:
+                if reason is not None:
+                    raise PackageError(reason)  # a sidecar that is not what it claims to be
                 if package.is_symlink():
                     raise PackageError("the package is a symlink; drop the file or folder itself")
                 sha = await self._blocking(package_sha256, package)
@@ -160,6 +171,11 @@ class Pipeline:
                 # the reason (visible in /models), rather than leave it in the folder unexplained.
                 log.exception("package_processing_error", package=name)
                 reason = f"unexpected error while processing the package: {type(exc).__name__}: {exc}"
+            # What users see (/models, reason.json, the twin) is short, printable and names no
+            # device path; the log keeps the whole text.
+            if public_reason(reason) != reason:
+                log.info("package_rejected_detail", package=name, detail=reason)
+            reason = public_reason(reason)
             await self._blocking(self.quarantine.add, package, reason, sha, sidecars(package))
             self._emit("rejected", source, name, sha256=sha, reason=reason)
             return None
@@ -216,8 +232,16 @@ class Pipeline:
         wanted = installed.record.get("activate", True) if intent.activate is None else intent.activate
         current = self.repo.current()
         if wanted and (current is None or current.key != installed.key):
-            model = await self.engine.load(installed.path, key=installed.key)
+            model = await self._load_stored(installed)
             await self._make_active(model, installed, intent.source, name, sha)
+
+    async def _load_stored(self, version: InstalledVersion) -> LoadedModel:
+        """Load a stored version; its install record must name files inside its folder."""
+        try:
+            version.check_record()
+        except PackageError as exc:
+            raise ModelInvalid(str(exc)) from exc
+        return await self.engine.load(version.path, key=version.key)
 
     async def _make_active(
         self, model: LoadedModel, version: InstalledVersion, source: str, package: str, sha: str | None = None
@@ -243,9 +267,9 @@ class Pipeline:
             package = stored.record.get("package", "")
             self._emit("activating", source, package, name=name, version=version)
             try:
-                model = await self.engine.load(stored.path, key=stored.key)
+                model = await self._load_stored(stored)
             except ModelInvalid as exc:
-                self._emit("failed", source, package, name=name, version=version, reason=str(exc))
+                self._emit("failed", source, package, name=name, version=version, reason=public_reason(str(exc)))
                 raise
             await self._make_active(model, stored, source, package, stored.package_sha256)
             return stored

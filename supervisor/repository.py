@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from supervisor.fsutil import fsync_dir, write_durably
+from supervisor.pathrules import is_safe_component, member_path
 
 __all__ = ["INSTALL_RECORD", "InstalledVersion", "Repository"]
 
@@ -55,6 +56,14 @@ class InstalledVersion:
     def package_sha256(self) -> str | None:
         return self.record.get("package_sha256")
 
+    def check_record(self) -> None:
+        """The install record names files inside this version folder, or the version is refused
+        at load (PackageError): a record is data on disk, not trusted to point anywhere."""
+        for key in ("model_file", "labels_file"):
+            value = self.record.get(key)
+            if value is not None:
+                member_path(self.path, value, f"the install record's {key!r}")
+
 
 class Repository:
     def __init__(self, data_dir: Path) -> None:
@@ -77,18 +86,25 @@ class Repository:
         found = []
         if not self.models_dir.is_dir():
             return []
-        for name_dir in self.models_dir.iterdir():
-            if not name_dir.is_dir():
-                continue
-            for version_dir in name_dir.iterdir():
+        for name_dir in _subdirs(self.models_dir):
+            for version_dir in _subdirs(name_dir):
                 record = self._read_record(version_dir)
                 if record is not None:
                     found.append(InstalledVersion(name_dir.name, version_dir.name, version_dir, record))
         return sorted(found, key=lambda v: v.installed_at)
 
     def get(self, name: str, version: str) -> InstalledVersion | None:
+        """The stored version, or None. ``name`` and ``version`` come from routes and symlinks:
+        each must be one safe path component (no '..', no slash, no leading dot, no encoding
+        trick), and the folder must lie under models/ once resolved."""
+        if not (is_safe_component(name) and is_safe_component(version)):
+            return None
         path = self.models_dir / name / version
-        if path.parent.parent != self.models_dir:  # a name with a slash or '..'
+        try:
+            inside = os.path.commonpath([path.resolve(), self.models_dir.resolve()]) == str(self.models_dir.resolve())
+        except (OSError, ValueError):
+            return None
+        if not inside or path.is_symlink() or path.parent.is_symlink():
             return None
         record = self._read_record(path)
         return InstalledVersion(name, version, path, record) if record is not None else None

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from handlers.ort_cache import is_runtime_cache
 from supervisor.archive import ArchiveLimits, unpack_package
 from supervisor.engine import LoadedModel, load_and_warm
 from supervisor.package import Manifest, PackageError, file_sha256, read_manifest, verify_files
+from supervisor.pathrules import walk_files
 from supervisor.settings import Settings
 
 __all__ = [
@@ -33,6 +36,11 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 INTENT_SUFFIX = ".intent.json"
+# Sidecars are a line of text ("<hex>  <name>") or a small JSON object; anything bigger is refused
+# unread rather than kept in memory.
+MAX_SIDECAR_BYTES = 4096
+MAX_INTENT_BYTES = 65536
+_DIGEST_LENGTHS = {".sha256": 64, ".md5": 32}
 
 
 def package_sha256(path: Path) -> str:
@@ -41,8 +49,10 @@ def package_sha256(path: Path) -> str:
         return file_sha256(path)
     h = hashlib.sha256()
     # Not an optimised-model cache a runtime may have written into the folder: derived data.
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not is_runtime_cache(p.relative_to(path))):
-        h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode())
+    # (Walked iteratively with a depth cap: a folder nested a thousand deep is refused here.)
+    for rel, st in sorted(walk_files(path)):
+        if stat.S_ISREG(st.st_mode) and not is_runtime_cache(rel):
+            h.update(str(rel).encode() + b"\0" + file_sha256(path / rel).encode())
     return h.hexdigest()
 
 
@@ -61,7 +71,7 @@ class Intent:
 def read_intent(package: Path, source: str) -> Intent:
     """``<pkg>.intent.json`` (written by the twin) or ``<pkg>.sha256`` (beside a dropped package)."""
     intent_path = package.with_name(package.name + INTENT_SUFFIX)
-    if intent_path.is_file():
+    if _small_regular_file(intent_path, MAX_INTENT_BYTES):
         try:
             raw = json.loads(intent_path.read_text("utf-8"))
             return Intent(
@@ -74,15 +84,38 @@ def read_intent(package: Path, source: str) -> Intent:
             )
         except (OSError, ValueError, AttributeError):
             log.warning("intent_unreadable", package=package.name)
-    sha_path = package.with_name(package.name + ".sha256")
-    if sha_path.is_file():
-        text = sha_path.read_text("utf-8", "replace").split()
-        return Intent(source=source, sha256=text[0].lower() if text else None)
-    md5_path = package.with_name(package.name + ".md5")
-    if md5_path.is_file():
-        text = md5_path.read_text("utf-8", "replace").split()
-        return Intent(source=source, md5=text[0].lower() if text else None)
+    sha256 = _sidecar_digest(package, ".sha256")
+    if sha256 is not None:
+        return Intent(source=source, sha256=sha256)
+    md5 = _sidecar_digest(package, ".md5")
+    if md5 is not None:
+        return Intent(source=source, md5=md5)
     return Intent(source=source)
+
+
+def _small_regular_file(path: Path, limit: int) -> bool:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size <= limit
+
+
+def _sidecar_digest(package: Path, suffix: str) -> str | None:
+    """The digest in ``<package><suffix>`` (``sha256sum`` / ``md5sum`` output), None without one.
+    Raises PackageError when the sidecar is anything but a small text file holding a digest: its
+    content is never echoed (a symlinked sidecar would otherwise show another file's first bytes)."""
+    path = package.with_name(package.name + suffix)
+    if not (path.exists() or path.is_symlink()):
+        return None
+    what = f"the {suffix} file beside the package"
+    digits = _DIGEST_LENGTHS[suffix]
+    if not _small_regular_file(path, MAX_SIDECAR_BYTES):
+        raise PackageError(f"{what} must be a small regular file holding {digits} hex digits")
+    words = path.read_bytes().split()
+    if not words or not re.fullmatch(rb"[0-9A-Fa-f]{%d}" % digits, words[0]):
+        raise PackageError(f"{what} does not start with a {digits}-hex-digit checksum")
+    return words[0].decode("ascii").lower()
 
 
 def sidecars(package: Path) -> list[Path]:

@@ -43,6 +43,7 @@ import structlog
 import watchfiles
 
 from supervisor.archive import is_complete_zip
+from supervisor.pathrules import MAX_DEPTH, MAX_ENTRIES
 
 __all__ = ["PackageWatcher", "is_candidate_name", "sidecar_owner"]
 
@@ -116,21 +117,42 @@ def _snapshot(path: Path) -> _Snapshot | None:
         return None
     except OSError as exc:  # unreadable right now (permissions being set by the copier?)
         return _Snapshot(("error", str(exc)), False)
+    except Exception as exc:  # a bug of ours or an odd file: the pipeline says what is wrong with it
+        return _Snapshot(("unreadable", type(exc).__name__), True)
 
 
 def _folder_snapshot(path: Path) -> _Snapshot | None:
+    """Every entry under a folder package with its size and mtime. Iterative and capped: a tree
+    too deep or too big for a package is reported as it is (complete, so the pipeline gets it and
+    quarantines it with the reason), never as a RecursionError in a settle task."""
     entries: list[tuple[str, int, int]] = []
     complete = True
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            full = os.path.join(root, name)
+    stack: list[tuple[str, int]] = [(str(path), 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                listing = list(it)
+        except FileNotFoundError:
+            if folder == str(path):
+                return None
+            complete = False  # changing under us
+            continue
+        except OSError:
+            complete = False
+            continue
+        for entry in listing:
             try:
-                st = os.lstat(full)
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
-                complete = False  # changing under us
+                complete = False
                 continue
-            entries.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
-            if name in files and _is_temp_name(name):
+            entries.append((os.path.relpath(entry.path, path), st.st_size, st.st_mtime_ns))
+            if len(entries) > MAX_ENTRIES or depth + 1 >= MAX_DEPTH:
+                return _Snapshot(("oversized", len(entries), depth), True)
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((entry.path, depth + 1))
+            elif _is_temp_name(entry.name):
                 complete = False
     if not os.path.isdir(path):
         return None
@@ -264,7 +286,20 @@ class PackageWatcher:
 
     async def _settle(self, path: Path, source: str) -> None:
         """Wait until ``path`` has been quiet for a settle period and is complete; then queue it.
-        A download committed to staging is queued at once."""
+        A download committed to staging is queued at once. Whatever goes wrong while looking at
+        it, the package is handed over (the pipeline quarantines it with a reason): an exception
+        here would otherwise die unseen in this task and leave the package lying there."""
+        try:
+            await self._wait_until_settled(path, source)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("package_settle_failed", package=path.name, source=source, error=f"{type(exc).__name__}")
+            snap = await asyncio.to_thread(_snapshot, path)
+            if snap is not None:
+                self._ready.put_nowait((path, source, snap))
+
+    async def _wait_until_settled(self, path: Path, source: str) -> None:
         before = await asyncio.to_thread(_snapshot, path)
         if before is None:
             self._done.pop(path, None)
