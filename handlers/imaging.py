@@ -26,6 +26,7 @@ __all__ = [
     "fit_size",
     "image_to_tensor",
     "letterbox_geometry",
+    "sniff_format",
 ]
 
 # Magic numbers of the formats we decode, and of common image formats we refuse by name.
@@ -58,6 +59,14 @@ class ImageTooLarge(ValueError):
 
 class UnsupportedImageType(ValueError):
     """A recognised image format that this service does not accept (GIF, TIFF, ...)."""
+
+
+def sniff_format(data: bytes) -> str:
+    """The image format by its magic number ("JPEG", "PNG", "BMP", "WEBP"); raises
+    ImageDecodeError / UnsupportedImageType otherwise."""
+    if not data:
+        raise ImageDecodeError("empty image")
+    return _sniff(data)
 
 
 def _sniff(data: bytes) -> str:
@@ -128,7 +137,10 @@ def decode_image(
         # Pillow's own guard fires in open() for absurd headers (and warns, which pytest turns
         # into an error, for merely large ones): same meaning as ours.
         raise ImageTooLarge(f"image too large: {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError:
+        # Pillow's message names the buffer object ("<_io.BytesIO object at 0x...>"): say it plainly.
+        raise ImageDecodeError(f"cannot decode {fmt} image: the data is not a valid {fmt} file") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode {fmt} image: {exc}") from exc
     original = (height, width) if rotated else (width, height)
     return img, original

@@ -3,13 +3,14 @@ pipeline do the work. Every error leaves as JSON ``{"error": {"code", "message"}
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, ClientPayloadError, web
 
 from handlers.imaging import ImageDecodeError, ImageTooLarge, UnsupportedImageType
 from supervisor.engine import DetectResult
@@ -19,10 +20,12 @@ from supervisor.errors import (
     NoModelLoaded,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS
 from supervisor.openapi import openapi_document
+from supervisor.pathrules import is_safe_component, public_reason
 
 __all__ = ["error_middleware", "request_log_middleware", "routes"]
 
@@ -36,7 +39,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_error(status: int, code: str, message: str) -> web.Response:
+    # Messages may carry a library's words: printable text, no object reprs, bounded length.
+    message = public_reason(message, 400, strip_paths=False)
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+# The client went away mid-request: nothing to answer, nothing of ours broke.
+_CLIENT_GONE = (ConnectionResetError, ClientConnectionResetError, ClientPayloadError)
 
 
 @web.middleware
@@ -44,6 +53,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Typed errors and aiohttp's own HTTP errors become JSON; anything else is a logged 500."""
     try:
         return await handler(request)
+    except _CLIENT_GONE as exc:
+        log.info("client_disconnected", path=request.path, error=type(exc).__name__)
+        return json_error(400, "client_disconnected", "the client closed the connection before the body was sent")
     except EdgeLoaderError as exc:
         return json_error(exc.status, exc.code, str(exc))
     except web.HTTPException as exc:
@@ -101,28 +113,42 @@ def _query_params(request: web.Request) -> tuple[float | None, int | None, froze
 
 
 async def _read_image(request: web.Request) -> bytes:
-    limit = request.app[SETTINGS].max_body_bytes
+    settings = request.app[SETTINGS]
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body of {request.content_length} bytes is over the {limit}-byte limit")
     ctype = request.content_type.lower()
     if ctype.startswith("multipart/"):
-        reader = await request.multipart()
-        async for part in reader:
-            if getattr(part, "name", None) == "image":
-                data = await part.read(decode=False)  # type: ignore[union-attr]
-                break
-        else:
-            raise BadRequest("multipart body has no 'image' field")
+        reader = _multipart_image(request, settings.max_multipart_parts)
     elif ctype in _IMAGE_TYPES or ctype in _RAW_TYPES:
-        data = await request.read()
+        reader = request.read()
     else:
         raise UnsupportedMediaType(
             f"unsupported Content-Type {ctype!r}: send image/jpeg, image/png, image/bmp, image/webp, "
             "application/octet-stream or multipart/form-data with an 'image' field"
         )
+    try:
+        # A body that trickles (or never ends) must not hold a connection and its buffer for ever.
+        data = await asyncio.wait_for(reader, settings.body_timeout_seconds)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {settings.body_timeout_seconds:g} s") from None
     if not data:
         raise BadRequest("empty body: send the image bytes")
     return bytes(data)
+
+
+async def _multipart_image(request: web.Request, max_parts: int) -> bytes:
+    """The 'image' part of a multipart body. Parts are counted: 100,000 tiny parts in a body under
+    the size cap kept the event loop busy for seconds (each part is parsed without yielding)."""
+    reader = await request.multipart()
+    parts = 0
+    async for part in reader:
+        parts += 1
+        if parts > max_parts:
+            raise BadRequest(f"multipart body has more than {max_parts} parts; send the image as one part")
+        if getattr(part, "name", None) == "image":
+            return bytes(await part.read(decode=False))  # type: ignore[union-attr]
+    raise BadRequest("multipart body has no 'image' field")
 
 
 async def _detect(request: web.Request) -> DetectResult:
@@ -187,9 +213,18 @@ async def ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "model": {"name": model.info.name, "version": model.info.version}})
 
 
+def _route_name(request: web.Request, key: str) -> str:
+    """A model name or version from the route: the same safe-name rule as installs (no '..', no
+    slash, however encoded: aiohttp decodes %2e%2e before we see it)."""
+    value = request.match_info[key]
+    if not is_safe_component(value):
+        raise NotFound(f"no model {key} like that: names are letters, digits, '.', '-' and '_'")
+    return value
+
+
 def _active_named(request: web.Request) -> Any:
     model = request.app[ENGINE].active
-    name = request.match_info["name"]
+    name = _route_name(request, "name")
     if model is None or model.info.name != name:
         known = {v.name for v in request.app[REPOSITORY].versions()}
         if name in known:
@@ -267,7 +302,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 @routes.post("/models/{name}/{version}/activate")
 async def activate(request: web.Request) -> web.Response:
-    name, version = request.match_info["name"], request.match_info["version"]
+    name, version = _route_name(request, "name"), _route_name(request, "version")
     stored = await request.app[PIPELINE].activate(name, version, source="api")
     return web.json_response({"active": {"name": stored.name, "version": stored.version}})
 

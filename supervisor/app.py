@@ -46,6 +46,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         runtime_threads=settings.runtime_threads,
         max_image_pixels=settings.max_image_pixels,
         default_threshold=settings.score_threshold,
+        decode_memory_bytes=settings.decode_memory_bytes,
+        decode_wait_seconds=settings.decode_wait_seconds,
     )
     repo = Repository(settings.data_dir)
     try:
@@ -132,6 +134,11 @@ async def _twin_ctx(app: web.Application) -> AsyncIterator[None]:
 IMPORT_PATH = web.AppKey("import_path", Path)
 
 
+async def _plain_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp advertises ``Python/3.x aiohttp/3.y``: versions tell a scanner which CVEs to try."""
+    response.headers["Server"] = "edge-model-loader"
+
+
 def build_app(settings: Settings, import_path: Path | None = None, services: bool = True) -> web.Application:
     """The whole service as one aiohttp app. ``services=False`` leaves out the folder and twin
     watchers (tests that drive the pipeline themselves)."""
@@ -147,6 +154,7 @@ def build_app(settings: Settings, import_path: Path | None = None, services: boo
     if import_path is not None:
         app[IMPORT_PATH] = import_path
     app.add_routes(routes)
+    app.on_response_prepare.append(_plain_server_header)
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_import_ctx)
     if services:

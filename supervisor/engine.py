@@ -23,9 +23,11 @@ import structlog
 from PIL import Image
 
 from handlers.base import Detection, Handler, HandlerMismatch, choose_handler
-from handlers.imaging import decode_image
+from handlers.decodecost import decode_cost
+from handlers.imaging import ImageTooLarge, decode_image, sniff_format
 from handlers.runtimes import ModelLoadError, Runtime, open_runtime
-from supervisor.errors import ModelInvalid, NoModelLoaded
+from supervisor.errors import Busy, ModelInvalid, NoModelLoaded
+from supervisor.membudget import BudgetExceeded, BudgetTimeout, MemoryBudget
 from supervisor.package import Manifest, PackageError, file_sha256, read_labels, read_manifest
 
 __all__ = ["DetectResult", "Engine", "LoadedModel", "load_and_warm", "load_model"]
@@ -174,8 +176,12 @@ class Engine:
         runtime_threads: int = 1,
         max_image_pixels: int = 50_000_000,
         default_threshold: float = 0.5,
+        decode_memory_bytes: int = 256 << 20,
+        decode_wait_seconds: float = 10.0,
     ) -> None:
         self.workers = workers
+        # Image decodes in flight share this much memory; see membudget.py.
+        self.decode_budget = MemoryBudget(decode_memory_bytes, decode_wait_seconds)
         self.runtime_threads = runtime_threads or max(1, (os.cpu_count() or 1) // workers)
         self.max_image_pixels = max_image_pixels
         self.default_threshold = default_threshold
@@ -233,13 +239,22 @@ class Engine:
         model = self._active
         if model is None:
             raise NoModelLoaded("no model is loaded yet")
+        # Counted in flight from the moment it is taken (before any await): a swap meanwhile must not
+        # close the model this request will run on.
         with model.lock:
             model.in_flight += 1
-        loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(
-                self.executor, self._detect_sync, model, data, threshold, max_results, labels
-            )
+            # The header says what decoding will cost; wait for that much memory before a worker starts.
+            fmt = sniff_format(data)
+            cost = decode_cost(data, fmt, model.handler.input_size)
+            async with self.decode_budget.reserve(cost):
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._detect_sync, model, data, threshold, max_results, labels
+                )
+        except BudgetExceeded as exc:
+            raise ImageTooLarge(f"this {fmt} image {exc} for decoding; send a JPEG or a smaller image") from None
+        except BudgetTimeout as exc:
+            raise Busy(f"busy decoding other large images ({exc}); retry later") from None
         except ModelInvalid:
             self._note_failure(model)
             raise

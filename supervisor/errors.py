@@ -4,11 +4,13 @@ from __future__ import annotations
 
 __all__ = [
     "BadRequest",
+    "Busy",
     "EdgeLoaderError",
     "ModelInvalid",
     "NoModelLoaded",
     "NotFound",
     "PayloadTooLarge",
+    "RequestTimeout",
     "UnsupportedMediaType",
 ]
 
@@ -26,6 +28,11 @@ class BadRequest(EdgeLoaderError):
 class NotFound(EdgeLoaderError):
     status = 404
     code = "not_found"
+
+
+class RequestTimeout(EdgeLoaderError):
+    status = 408
+    code = "request_timeout"
 
 
 class Conflict(EdgeLoaderError):
@@ -46,6 +53,13 @@ class UnsupportedMediaType(EdgeLoaderError):
 class NoModelLoaded(EdgeLoaderError):
     status = 503
     code = "no_model"
+
+
+class Busy(EdgeLoaderError):
+    """Temporarily out of a shared resource (memory for decoding); the client may retry."""
+
+    status = 503
+    code = "busy"
 
 
 class ModelInvalid(EdgeLoaderError):

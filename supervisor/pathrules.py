@@ -129,11 +129,12 @@ def _printable(text: str, limit: int = 80) -> str:
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
 
 
-def public_reason(text: str, limit: int = REASON_MAX) -> str:
+def public_reason(text: str, limit: int = REASON_MAX, *, strip_paths: bool = True) -> str:
     """A rejection reason fit to show a user (``/models``, ``reason.json``, the twin): printable
-    text only, no object reprs, absolute paths cut to their last component, at most ``limit``
-    characters. The full text goes to the log, not here."""
+    text only, no object reprs, absolute paths cut to their last component (``strip_paths``), at
+    most ``limit`` characters. The full text goes to the log, not here."""
     text = _OBJECT_REPR.sub("<object>", text)
-    text = _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "/", text)
+    if strip_paths:
+        text = _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "/", text)
     text = " ".join(text.split())
     return _printable(text, limit)

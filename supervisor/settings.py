@@ -23,7 +23,8 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 _DEFAULTS_CANDIDATES = (_PACKAGE_DIR.parent / "config" / "settings.toml", _PACKAGE_DIR / "settings.toml")
 BUNDLED_MODEL_DIR = _PACKAGE_DIR / "bundled" / "blazeface-short-range"
 # Durations the drop-folder watcher sleeps or waits for: 0 or less would make it spin.
-_POSITIVE_SECONDS = ("settle_seconds", "incomplete_timeout_seconds", "rescan_seconds")
+_POSITIVE_SECONDS = ("settle_seconds", "incomplete_timeout_seconds", "rescan_seconds", "body_timeout_seconds",
+                     "decode_wait_seconds")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class Settings:
     data_dir: Path = Path("./var")
     max_body_bytes: int = 20_000_000
     max_image_pixels: int = 50_000_000
+    decode_memory_bytes: int = 256 * 1024 * 1024
+    decode_wait_seconds: float = 10.0
+    max_multipart_parts: int = 8
+    body_timeout_seconds: float = 30.0
     workers: int = 0
     runtime_threads: int = 0
     score_threshold: float = 0.5
