@@ -25,10 +25,12 @@ from PIL import Image
 from handlers.base import Detection, Handler, HandlerMismatch, choose_handler
 from handlers.decodecost import decode_cost
 from handlers.imaging import ImageTooLarge, decode_image, sniff_format
+from handlers.onnx_external import ModelFormatError, external_data_locations
 from handlers.runtimes import ModelLoadError, Runtime, open_runtime
 from supervisor.errors import Busy, ModelInvalid, NoModelLoaded
 from supervisor.membudget import BudgetExceeded, BudgetTimeout, MemoryBudget
 from supervisor.package import Manifest, PackageError, file_sha256, read_labels, read_manifest
+from supervisor.pathrules import member_path
 
 __all__ = ["DetectResult", "Engine", "LoadedModel", "load_and_warm", "load_model"]
 
@@ -96,6 +98,8 @@ def load_model(
     try:
         manifest = manifest or read_manifest(folder, *(key or (None, None)))
         labels = read_labels(folder, manifest)
+        if manifest.model_file.lower().endswith(".onnx"):
+            _check_external_data(folder, manifest.model_file)
         runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers)
         handler = choose_handler(runtime.signature, manifest.handler, manifest.handler_options)
     except (PackageError, ModelLoadError, HandlerMismatch, OSError) as exc:
@@ -119,6 +123,18 @@ def load_model(
         labels=tuple(labels),
     )
     return LoadedModel(info=info, runtime=runtime, handler=handler)
+
+
+def _check_external_data(folder: Path, model_file: str) -> None:
+    """Every external-data file the ONNX model names lies inside the package (the path rule), checked
+    before onnxruntime opens anything: older runtimes follow '../' and absolute locations."""
+    try:
+        locations = external_data_locations(folder / model_file)
+    except ModelFormatError as exc:
+        raise PackageError(f"{model_file} is not a valid ONNX model ({exc})") from exc
+    base = (folder / model_file).parent
+    for location in set(locations):
+        member_path(base, location, "an external-data location in the model")
 
 
 def load_and_warm(

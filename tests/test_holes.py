@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import onnx
 import pytest
 from aiohttp.test_utils import TestClient
 from packages import ssd_files, write_folder, write_zip
@@ -126,6 +127,38 @@ async def test_a_stored_version_whose_install_record_points_outside_is_refused_a
     assert "install record" in message and "labels_file" in message
     no_leak(message, secret_file)
     assert (await (await client.get("/readyz")).json())["model"]["name"] == "blazeface-short-range"
+
+
+def _ssd_with_external_data(location: str) -> dict[str, bytes]:
+    """The test SSD whose first initializer says its bytes lie in ``location``."""
+    model = onnx.load_from_string(ssd_files("ext", "1")["model.onnx"])
+    init = max(model.graph.initializer, key=lambda t: len(t.raw_data) + len(t.float_data))
+    for name in ("raw_data", "float_data", "int32_data", "int64_data"):
+        init.ClearField(name)
+    init.data_location = onnx.TensorProto.EXTERNAL
+    entry = init.external_data.add()
+    entry.key, entry.value = "location", location
+    files = ssd_files("ext", "1")
+    files["model.onnx"] = model.SerializeToString()
+    meta = json.loads(files["model.json"])
+    meta.pop("files")
+    files["model.json"] = json.dumps(meta).encode()
+    return files
+
+
+async def test_onnx_external_data_outside_the_package_is_refused_before_the_runtime_reads_it(
+    client: TestClient, settings: Settings, secret_file: Path, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    inbox = settings.inbox_dir
+    packages = {
+        "ext-rel.zip": write_zip(inbox / "ext-rel.zip", _ssd_with_external_data("../../../outside/secret.txt")),
+        "ext-abs.zip": write_zip(inbox / "ext-abs.zip", _ssd_with_external_data(str(secret_file))),
+    }
+    reasons = await drop_and_wait(client, start_watcher, wait_until, packages)
+    for reason in reasons.values():
+        assert "external-data location" in reason, reason
+        no_leak(reason, secret_file)
+        assert str(settings.data_dir) not in reason
 
 
 # -- 2. names in routes -----------------------------------------------------------------------------
