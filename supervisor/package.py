@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supervisor.formats import LABEL_FILE_NAMES, MANIFEST_NAME, MODEL_SUFFIXES
+
 __all__ = [
     "LABEL_FILE_NAMES",
     "MANIFEST_NAME",
@@ -27,9 +29,6 @@ __all__ = [
     "read_manifest",
 ]
 
-MANIFEST_NAME = "model.json"
-MODEL_SUFFIXES = (".onnx", ".tflite")
-LABEL_FILE_NAMES = ("labels.txt", "labelmap.txt", "coco_classes.txt")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -23,9 +23,10 @@ from supervisor.archive import ArchiveLimits, unpack_package
 from supervisor.engine import Engine, LoadedModel
 from supervisor.errors import Conflict, ModelInvalid, NotFound
 from supervisor.events import EventBus, ModelEvent, State
+from supervisor.formats import ACTIVATED_MARKER, TMP_PREFIX
 from supervisor.package import PackageError, read_manifest
 from supervisor.quarantine import Quarantine
-from supervisor.repository import TMP_PREFIX, InstalledVersion, Repository
+from supervisor.repository import InstalledVersion, Repository
 from supervisor.settings import Settings
 from supervisor.validation import (
     Intent,
@@ -40,7 +41,6 @@ __all__ = ["Pipeline"]
 
 log = structlog.get_logger(__name__)
 
-ACTIVATED_MARKER = ".activated"
 T = TypeVar("T")
 
 

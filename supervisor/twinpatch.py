@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from supervisor.download import parse_md5, parse_sha256
+from supervisor.formats import parse_md5, parse_sha256
 from supervisor.redact import redact_url
 
 __all__ = ["DesiredModel", "desired_properties", "main"]

@@ -15,6 +15,7 @@ import structlog
 from handlers.ort_cache import is_runtime_cache
 from supervisor.archive import ArchiveLimits, unpack_package
 from supervisor.engine import LoadedModel, load_and_warm
+from supervisor.formats import INTENT_SUFFIX, SIDECAR_SUFFIXES
 from supervisor.package import Manifest, PackageError, file_sha256, read_manifest, verify_files
 from supervisor.settings import Settings
 
@@ -32,7 +33,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-INTENT_SUFFIX = ".intent.json"
 
 
 def package_sha256(path: Path) -> str:
@@ -86,7 +86,7 @@ def read_intent(package: Path, source: str) -> Intent:
 
 
 def sidecars(package: Path) -> list[Path]:
-    return [package.with_name(package.name + s) for s in (INTENT_SUFFIX, ".sha256", ".md5")]
+    return [package.with_name(package.name + s) for s in SIDECAR_SUFFIXES]
 
 
 def check_package_checksums(package: Path, sha: str, intent: Intent) -> None:

@@ -43,14 +43,12 @@ import structlog
 import watchfiles
 
 from supervisor.archive import is_complete_zip
+from supervisor.formats import INTENT_SUFFIX, SIDECAR_SUFFIXES
 
 __all__ = ["PackageWatcher", "is_candidate_name", "sidecar_owner"]
 
 log = structlog.get_logger(__name__)
 
-# supervisor.validation.INTENT_SUFFIX (not imported: it would pull the runtimes into this module).
-_INTENT_SUFFIX = ".intent.json"
-SIDECAR_SUFFIXES = (_INTENT_SUFFIX, ".sha256", ".md5")
 # Names copy tools, browsers and editors give to files still being written.
 _TEMP_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".opdownload", ".tmp", ".temp", ".swp", "~")
 _TEMP_PREFIXES = ("~$", ".~lock", ".tmp-")
@@ -142,7 +140,7 @@ def _is_committed(path: Path, snap: _Snapshot) -> bool:
     """Whether ``path``, as ``snap`` saw it, is a download ``partfile.commit`` renamed into place:
     its intent (renamed in first) records the size the file has. Blocking (a stat and a small read)."""
     try:
-        raw = json.loads(path.with_name(path.name + _INTENT_SUFFIX).read_text("utf-8"))
+        raw = json.loads(path.with_name(path.name + INTENT_SUFFIX).read_text("utf-8"))
         st = path.lstat()
     except (OSError, ValueError):
         return False
