@@ -22,10 +22,11 @@ import numpy as np
 import structlog
 from PIL import Image
 
-from handlers.base import Detection, Handler, HandlerMismatch, choose_handler
+from handlers.base import Detection, Handler, HandlerMismatch, OptionsRejected, choose_handler
 from handlers.imaging import decode_image
 from handlers.runtimes import ModelLoadError, Runtime, open_runtime
 from supervisor.errors import ModelInvalid, NoModelLoaded
+from supervisor.manifest import options_error
 from supervisor.package import Manifest, PackageError, file_sha256, read_labels, read_manifest
 
 __all__ = ["DetectResult", "Engine", "LoadedModel", "load_and_warm", "load_model"]
@@ -96,6 +97,8 @@ def load_model(
         labels = read_labels(folder, manifest)
         runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers)
         handler = choose_handler(runtime.signature, manifest.handler, manifest.handler_options)
+    except OptionsRejected as exc:
+        raise ModelInvalid("model.json: " + options_error(exc.error, exc.model, exc.handler)) from exc
     except (PackageError, ModelLoadError, HandlerMismatch, OSError) as exc:
         raise ModelInvalid(str(exc)) from exc
     if not labels:

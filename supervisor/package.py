@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.formats import LABEL_FILE_NAMES, MANIFEST_NAME, MODEL_SUFFIXES
+from supervisor.manifest import parse_manifest
 
 __all__ = [
     "LABEL_FILE_NAMES",
@@ -99,42 +100,38 @@ def read_manifest(folder: Path, fallback_name: str | None = None, fallback_versi
     """The package's manifest, completed by inference where model.json is absent or silent.
 
     ``fallback_name``/``fallback_version`` come from the package's file name or its hash."""
-    raw: dict[str, Any] = {}
+    raw: Any = {}
     manifest_path = folder / MANIFEST_NAME
     if manifest_path.is_file():
         try:
             raw = json.loads(manifest_path.read_text("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PackageError(f"model.json is not valid JSON: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise PackageError("model.json must hold a JSON object")
-    model_file = raw.get("model") or _find_model_file(folder)
+    try:
+        declared = parse_manifest(raw)  # types, unknown keys, the named handler's options
+    except ValueError as exc:
+        raise PackageError(str(exc)) from None
+    model_file = declared.model or _find_model_file(folder)
     if not (folder / model_file).is_file():
         raise PackageError(f"model.json names model {model_file!r}, which is not in the package")
     if Path(model_file).suffix.lower() not in MODEL_SUFFIXES:
         raise PackageError(f"model {model_file!r} is neither .onnx nor .tflite")
-    labels_file = raw.get("labels") or _find_labels_file(folder)
+    labels_file = declared.labels or _find_labels_file(folder)
     if labels_file and not (folder / labels_file).is_file():
         raise PackageError(f"model.json names labels {labels_file!r}, which is not in the package")
-    files = raw.get("files") or {}
-    if not isinstance(files, dict):
-        raise PackageError("model.json 'files' must map file names to SHA-256 hex digests")
-    threshold = raw.get("score_threshold")
-    if threshold is not None and not (isinstance(threshold, int | float) and 0.0 <= threshold <= 1.0):
-        raise PackageError("model.json 'score_threshold' must be a number between 0 and 1")
-    name = safe_name(str(raw.get("name") or fallback_name or Path(model_file).stem))
-    version = safe_name(str(raw.get("version") or fallback_version or "1"))
+    name = safe_name(declared.name or fallback_name or Path(model_file).stem)
+    version = safe_name(declared.version or fallback_version or "1")
     return Manifest(
         name=name,
         version=version,
         model_file=model_file,
         labels_file=labels_file,
-        handler=raw.get("handler"),
-        score_threshold=float(threshold) if threshold is not None else None,
-        activate=bool(raw.get("activate", True)),
-        description=str(raw.get("description", "")),
-        files={str(k): str(v).lower() for k, v in files.items()},
-        handler_options=raw.get("handler_options") or {},
+        handler=declared.handler,
+        score_threshold=declared.score_threshold,
+        activate=declared.activate,
+        description=declared.description,
+        files=dict(declared.files),
+        handler_options=dict(declared.handler_options),
     )
 
 
