@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import structlog
@@ -19,6 +20,7 @@ from aiohttp import web
 from supervisor.api import error_middleware, request_log_middleware, routes
 from supervisor.auth import token_middleware
 from supervisor.engine import Engine
+from supervisor.errors import StartupError
 from supervisor.events import EventBus
 from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS
 from supervisor.pipeline import Pipeline
@@ -26,13 +28,9 @@ from supervisor.repository import Repository
 from supervisor.settings import Settings
 from supervisor.supervise import supervised
 
-__all__ = ["ImportFailed", "StartupError", "build_app"]
+__all__ = ["ImportFailed", "StartupError", "build_app", "serving_logger"]
 
 log = structlog.get_logger(__name__)
-
-
-class StartupError(RuntimeError):
-    """The service cannot start; the message tells the operator what to fix."""
 
 
 class ImportFailed(StartupError):
@@ -59,8 +57,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ENGINE], app[REPOSITORY], app[PIPELINE] = engine, repo, pipeline
     await pipeline.start()
     active = engine.active
-    log.info("serving", model=active.info.name if active else None, version=active.info.version if active else None,
-             handler=active.info.handler if active else None, data_dir=str(settings.data_dir))
+    log.info("model_ready", model=active.info.name if active else None,
+             version=active.info.version if active else None, data_dir=str(settings.data_dir))
     yield
     await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
@@ -130,6 +128,24 @@ async def _twin_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 IMPORT_PATH = web.AppKey("import_path", Path)
+
+
+def serving_logger(app: web.Application, sock: socket.socket) -> Callable[..., None]:
+    """For ``run_app(print=...)``, which calls it once the socket listens and the services have
+    started: one ``serving`` line naming the address, the port actually bound and the model."""
+
+    def serving(*_banner: object, **_kwargs: object) -> None:
+        host, port = sock.getsockname()[:2]
+        active = app[ENGINE].active if ENGINE in app else None
+        log.info("serving", url=f"http://{_url_host(host)}:{port}/", host=host, port=port,
+                 model=active.info.name if active else None, version=active.info.version if active else None,
+                 handler=active.info.handler if active else None)
+
+    return serving
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def build_app(settings: Settings, import_path: Path | None = None, services: bool = True) -> web.Application:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from supervisor import __version__
+from supervisor.manifest import manifest_schema
 
 __all__ = ["openapi_document"]
 
@@ -86,6 +87,14 @@ def _get(summary: str, ok: str, *errors: int) -> dict[str, Any]:
     return {"get": {"summary": summary, "responses": {"200": _json({"type": "object"}, ok), **_errors(*errors)}}}
 
 
+def _schemas() -> dict[str, Any]:
+    """The response schemas, and model.json's (for editors and tools reading this document)."""
+    manifest = manifest_schema(ref_template="#/components/schemas/{model}")
+    option_models = manifest.pop("$defs")
+    manifest.pop("$schema")
+    return {**_SCHEMAS, "ModelManifest": manifest, **option_models}
+
+
 def openapi_document() -> dict[str, Any]:
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -122,7 +131,7 @@ def openapi_document() -> dict[str, Any]:
                 "security": _TOKEN}},
             "/openapi.json": _get("This document", "OpenAPI document"),
         },
-        "components": {"schemas": _SCHEMAS, "securitySchemes": {"apiToken": {
+        "components": {"schemas": _schemas(), "securitySchemes": {"apiToken": {
             "type": "http", "scheme": "bearer",
             "description": "EDGELOADER_API_TOKEN; needed for model switching when set, for every route "
                            "but the health probes with EDGELOADER_API_TOKEN_SCOPE=all"}}},

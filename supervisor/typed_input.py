@@ -60,18 +60,18 @@ def unknown_key(key: str, choices: Collection[str], what: str = "key", where: st
     return f"unknown {what} {key!r}{where}; valid: {valid}"
 
 
-def _shown(value: Any) -> str:
+def _shown(value: Any, note_text: bool = True) -> str:
     text = repr(value)
-    if isinstance(value, str):
+    if note_text and isinstance(value, str):
         text += " (text)" if value.strip().lstrip("-").replace(".", "", 1).isdigit() else ""
     return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 1] + "…"
 
 
-def _sentence(error: ErrorDetails, label: str, form: str | None, secret: bool) -> str:
+def _sentence(error: ErrorDetails, label: str, form: str | None, secret: bool, note_text: bool) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
-    given = "" if secret else f", not {_shown(error.get('input'))}"
-    if kind == "missing":
+    given = "" if secret else f", not {_shown(error.get('input'), note_text)}"
+    if kind == "missing" and form is None:
         return f"{label} is required"
     if form is not None:
         return f"{label} must be {form}{given}"
@@ -99,13 +99,15 @@ def describe_errors(
     secrets: Collection[str] = (),
     what: str = "key",
     where: str = "",
+    note_text: bool = True,
 ) -> str:
     """One line for a ValidationError of a flat model (nested keys are named as ``a.b``).
 
     ``known``: the valid top-level names (for suggestions); ``label``: how a field is named to the
     user; ``forms``: the expected form of fields whose errors would read poorly (unions, ranges);
     ``secrets``: fields whose value is never shown; ``where``: appended to 'unknown key ...'
-    (e.g. " in handler_options")."""
+    (e.g. " in handler_options"); ``note_text``: mark text that looks like a number ('320' (text)),
+    off where every value is text (environment variables)."""
     parts: list[str] = []
     seen: set[str] = set()
     for error in exc.errors():
@@ -127,7 +129,7 @@ def describe_errors(
         inner = [p for p in loc[1:] if not p.startswith(("function-", "tagged-union")) and p not in _TYPE_TAGS]
         form = (forms or {}).get(field)
         name = label(field) if not inner or form else f"{label(field)}.{'.'.join(inner)}"
-        parts.append(_sentence(error, name, form, field in secrets))
+        parts.append(_sentence(error, name, form, field in secrets, note_text))
     return "; ".join(dict.fromkeys(parts))
 
 
