@@ -22,11 +22,12 @@ from supervisor.auth import token_middleware
 from supervisor.engine import Engine
 from supervisor.errors import StartupError
 from supervisor.events import EventBus
-from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS
+from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
 from supervisor.pipeline import Pipeline
 from supervisor.repository import Repository
 from supervisor.settings import Settings
 from supervisor.supervise import supervised
+from supervisor.twin_status import TwinStatus
 
 __all__ = ["ImportFailed", "StartupError", "build_app", "serving_logger"]
 
@@ -111,6 +112,7 @@ async def _twin_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     if settings.twin == "off":
         log.info("twin_disabled", reason="EDGELOADER_TWIN=off: models arrive through the drop folder only")
+        app[TWIN_STATUS].set("off", reason="EDGELOADER_TWIN=off")
         yield
         return
     from supervisor.twin import TwinService
@@ -122,6 +124,7 @@ async def _twin_ctx(app: web.Application) -> AsyncIterator[None]:
         twin_timeout=settings.twin_timeout_seconds,
         download_retries=settings.download_retries,
         download_read_timeout=settings.download_read_timeout_seconds,
+        status=app[TWIN_STATUS],
     )
     async with supervised("twin-watcher", service.run):
         yield
@@ -160,6 +163,7 @@ def build_app(settings: Settings, import_path: Path | None = None, services: boo
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[EVENTS] = EventBus()
+    app[TWIN_STATUS] = TwinStatus()
     if import_path is not None:
         app[IMPORT_PATH] = import_path
     app.add_routes(routes)

@@ -541,7 +541,12 @@ def test_desired_model_parsing() -> None:
     model = DesiredModel.parse(base)
     assert model is not None
     assert (model.sha256, model.length, model.activate, model.desired_version) == (sha, 12, False, 7)
-    assert DesiredModel.parse({"$version": 3, "Other": 1}) is None
+    assert DesiredModel.parse({"$version": 3}) is None
+    # An unknown property is refused by name (a typo would otherwise read as "no model asked for").
+    with pytest.raises(ValueError, match=r"unknown desired property 'DownloadURL'; did you mean 'DownloadUrl'\?"):
+        DesiredModel.parse({"$version": 3, "FileName": "m.zip", "DownloadURL": "https://a/b?sig=x"})
+    with pytest.raises(ValueError, match="unknown desired property 'Other'"):
+        DesiredModel.parse({"$version": 3, "Other": 1})
     assert model.same_target(DesiredModel.parse(dict(base, **{"$version": 8})))  # type: ignore[arg-type]
     # A new URL (a fresh SAS) restarts the job, which resumes from the kept .part.
     assert not model.same_target(DesiredModel.parse(dict(base, DownloadUrl="https://b/c?sig=y")))  # type: ignore[arg-type]
