@@ -189,9 +189,10 @@ def choose_handler(
         return _make(cls, signature, options)
     fits = [cls for cls in REGISTRY.values() if cls.matches(signature)]
     if not fits:
+        # The action first: a reason shown in the twin is cut at ~200 characters, the signature may be long.
         raise HandlerMismatch(
-            f"no handler matches the model signature ({describe(signature)}); "
-            f"set 'handler' in model.json to one of: {', '.join(sorted(REGISTRY))}"
+            f"no handler matches the model; set 'handler' in model.json to one of "
+            f"{', '.join(sorted(REGISTRY))} (model signature: {describe(signature)})"
         )
     if len(fits) > 1:
         raise HandlerMismatch(

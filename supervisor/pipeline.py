@@ -26,6 +26,7 @@ from supervisor.events import EventBus, ModelEvent, State
 from supervisor.formats import ACTIVATED_MARKER, TMP_PREFIX
 from supervisor.package import PackageError, read_manifest
 from supervisor.quarantine import Quarantine
+from supervisor.reasons import user_reason
 from supervisor.repository import InstalledVersion, Repository
 from supervisor.settings import Settings
 from supervisor.validation import (
@@ -155,11 +156,15 @@ class Pipeline:
                 return await self._process_locked(package, name, sha, intent)
             except (PackageError, ModelInvalid, FileExistsError, OSError) as exc:
                 reason = str(exc) if not isinstance(exc, FileExistsError) else f"{exc}, with other content"
+                # The full text (a runtime's own error) for the log; the user gets the short one.
+                log.info("package_rejected_detail", package=name, detail=str(exc.__cause__ or exc))
             except Exception as exc:
                 # A bug of ours or a library's met on this package: quarantine it all the same, with
                 # the reason (visible in /models), rather than leave it in the folder unexplained.
                 log.exception("package_processing_error", package=name)
                 reason = f"unexpected error while processing the package: {type(exc).__name__}: {exc}"
+            # Shown in /models, reason.json and the twin: relative to the package, short.
+            reason = user_reason(reason, self.repo.data_dir)
             await self._blocking(self.quarantine.add, package, reason, sha, sidecars(package))
             self._emit("rejected", source, name, sha256=sha, reason=reason)
             return None

@@ -21,6 +21,7 @@ import structlog
 from supervisor.connection_string import check_module_connection_string
 from supervisor.download import Download
 from supervisor.events import ModelEvent
+from supervisor.reasons import clip
 from supervisor.redact import redact, redact_url
 from supervisor.reporter import OUTPUT_NAME, Reporter, active_patch, merge_patch, model_output, status_patch
 from supervisor.twin_client import RETRYABLE, HubClient, describe_mode
@@ -271,7 +272,7 @@ class TwinService:
             desired_version=(
                 desired_version if desired_version is not None else request.desired_version if request else None
             ),
-            reason=redact(reason) if reason else None,
+            reason=clip(redact(reason)) if reason else None,  # the full text is in the log
             bytes_done=bytes_done,
             bytes_total=bytes_total,
         )

@@ -627,6 +627,17 @@ async def test_real_pipeline_rejects_invalid_package(real_rig: Rig, blob_proxy: 
     assert real_rig.sim.reported_copy()["ModelUpdate"]["ActiveModel"]["Name"] != "badsum"
 
 
+async def test_real_pipeline_reports_a_short_reason_without_device_paths(real_rig: Rig, settings: Settings) -> None:
+    """The runtime's error, path and boilerplate gone: what the sender can act on, in ~200 characters."""
+    from packages import BAD_PACKAGES
+
+    _, make, _, _ = BAD_PACKAGES["garbage-model"]
+    version = real_rig.sim.set_desired(real_rig.desired_for("garbage-1.zip", make()))
+    status = await real_rig.sim.wait_status("failed", version, within=20)
+    assert status["Reason"] == "onnxruntime cannot load model.onnx: Protobuf parsing failed."
+    assert str(settings.data_dir) not in json.dumps(real_rig.sim.reported_copy())
+
+
 async def test_real_pipeline_offline_catch_up(real_rig: Rig) -> None:
     from packages import ssd_files, zip_bytes
 
