@@ -13,6 +13,7 @@ import re
 
 __all__ = [
     "ACTIVATED_MARKER",
+    "ACTIVATIONS_FILE",
     "CHECKSUM_SUFFIXES",
     "INSTALL_RECORD",
     "INTENT_SUFFIX",
@@ -49,6 +50,8 @@ ACTIVATED_MARKER = ".activated"
 TMP_PREFIX = ".tmp-"
 # Inside quarantine/<entry>/: why the package was refused.
 REASON_FILE = "reason.json"
+# In the data dir: the versions activated, in order (what a rollback walks back through).
+ACTIVATIONS_FILE = "activations.json"
 
 
 def parse_sha256(value: str) -> str:

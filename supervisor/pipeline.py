@@ -23,7 +23,8 @@ from supervisor.archive import ArchiveLimits, unpack_package
 from supervisor.engine import Engine, LoadedModel
 from supervisor.errors import Conflict, ModelInvalid, NotFound
 from supervisor.events import EventBus, ModelEvent, State
-from supervisor.formats import ACTIVATED_MARKER, TMP_PREFIX
+from supervisor.formats import ACTIVATED_MARKER, ACTIVATIONS_FILE, TMP_PREFIX
+from supervisor.history import ActivationHistory
 from supervisor.package import PackageError, read_manifest
 from supervisor.quarantine import Quarantine
 from supervisor.reasons import user_reason
@@ -57,6 +58,7 @@ class Pipeline:
         self.limits = ArchiveLimits(
             settings.max_package_files, settings.max_package_bytes, settings.max_compression_ratio
         )
+        self.history = ActivationHistory(repo.data_dir / ACTIVATIONS_FILE)
         self._lock = asyncio.Lock()
         self._rollback_task: asyncio.Task[None] | None = None
         engine.on_failure_streak = self._on_failure_streak
@@ -104,6 +106,8 @@ class Pipeline:
         """Repair the disk, then serve current, else the newest valid version, else the bundled default."""
         await self._blocking(self.repo.repair)
         current = self.repo.current()
+        previous = self.repo.previous()
+        await self._blocking(self.history.seed, [v.key if v else None for v in (previous, current)])
         candidates = [current] if current else []
         candidates += [v for v in reversed(self.repo.versions()) if current is None or v.key != current.key]
         async with self._lock:
@@ -174,8 +178,10 @@ class Pipeline:
         await self._blocking(check_package_checksums, package, sha, intent)
         installed = self.repo.find_by_package_sha256(sha)
         if installed is not None or self.quarantine.seen(sha):
-            await self._resume_if_interrupted(installed, intent, name, sha)
+            activated = await self._activate_again_if_wanted(installed, intent, name, sha)
             await self._blocking(_remove_package, package)
+            if activated:
+                return installed
             self._emit("duplicate", source, name, sha256=sha,
                        name=installed.name if installed else None,
                        version=installed.version if installed else None,
@@ -211,26 +217,36 @@ class Pipeline:
         await self._blocking(self.repo.prune, self.settings.keep_versions)
         return version
 
-    async def _resume_if_interrupted(
+    async def _activate_again_if_wanted(
         self, installed: InstalledVersion | None, intent: Intent, name: str, sha: str
-    ) -> None:
-        """A crash between install and flip leaves the package both installed and still waiting:
-        finish the job instead of calling it a duplicate (only if it was never activated)."""
-        if installed is None or (installed.path / ACTIVATED_MARKER).exists():
-            return
-        wanted = installed.record.get("activate", True) if intent.activate is None else intent.activate
-        current = self.repo.current()
-        if wanted and (current is None or current.key != installed.key):
-            model = await self.engine.load(installed.path, key=installed.key)
-            await self._make_active(model, installed, intent.source, name, sha)
+    ) -> bool:
+        """A package dropped again that is already installed: make its version active again when the
+        sender's intent or, failing that, the package's own manifest asks for activation (as ``--model``
+        with the same file does). This also finishes an install that a crash interrupted before the flip.
+        Returns whether it activated."""
+        if installed is None:
+            return False
+        wanted = intent.activate
+        if wanted is None:
+            wanted = await self._blocking(_manifest_activates, installed)
+        active = self.engine.active
+        if not wanted or (active is not None and (active.info.name, active.info.version) == installed.key):
+            return False
+        self._emit("activating", intent.source, name, sha256=sha, name=installed.name, version=installed.version,
+                   reason="already installed: activated again")
+        model = await self.engine.load(installed.path, key=installed.key)
+        await self._make_active(model, installed, intent.source, name, sha)
+        return True
 
     async def _make_active(
-        self, model: LoadedModel, version: InstalledVersion, source: str, package: str, sha: str | None = None
+        self, model: LoadedModel, version: InstalledVersion, source: str, package: str, sha: str | None = None,
+        *, rollback: bool = False,
     ) -> None:
         # Flip first: a crash between the two leaves the version current (start-up serves it);
         # the other order would leave it marked but never active, and its package a "duplicate".
         await self._blocking(self.repo.flip, version)
         await self._blocking(_mark_activated, version.path)
+        await self._blocking(self.history.rolled_back_to if rollback else self.history.record, version.key)
         self.engine.swap(model)
         self.events.publish(self._active_event(model, source, package, sha))
 
@@ -239,28 +255,38 @@ class Pipeline:
     async def activate(self, name: str, version: str, source: str = "api") -> InstalledVersion:
         """Switch to a stored version (roll back or forward). Raises NotFound / ModelInvalid."""
         async with self._lock:
-            stored = self.repo.get(name, version)
-            if stored is None:
-                raise NotFound(f"model {name} version {version} is not in the repository")
-            active = self.engine.active
-            if active is not None and (active.info.name, active.info.version) == stored.key:
-                return stored
-            package = stored.record.get("package", "")
-            self._emit("activating", source, package, name=name, version=version)
-            try:
-                model = await self.engine.load(stored.path, key=stored.key)
-            except ModelInvalid as exc:
-                self._emit("failed", source, package, name=name, version=version, reason=str(exc))
-                raise
-            await self._make_active(model, stored, source, package, stored.package_sha256)
+            return await self._activate_stored(name, version, source)
+
+    async def _activate_stored(self, name: str, version: str, source: str, rollback: bool = False) -> InstalledVersion:
+        stored = self.repo.get(name, version)
+        if stored is None:
+            raise NotFound(f"model {name} version {version} is not in the repository")
+        active = self.engine.active
+        if active is not None and (active.info.name, active.info.version) == stored.key:
             return stored
+        package = stored.record.get("package", "")
+        self._emit("activating", source, package, name=name, version=version)
+        try:
+            model = await self.engine.load(stored.path, key=stored.key)
+        except ModelInvalid as exc:
+            self._emit("failed", source, package, name=name, version=version, reason=str(exc))
+            raise
+        await self._make_active(model, stored, source, package, stored.package_sha256, rollback=rollback)
+        return stored
 
     async def rollback(self, source: str = "api", reason: str | None = None) -> InstalledVersion:
-        previous = self.repo.previous()
-        if previous is None:
-            raise Conflict("there is no previous version to roll back to")
-        left = self.engine.active
-        version = await self.activate(previous.name, previous.version, source)
+        """Back to the version active before the active one (see history.py); each call goes one
+        further back. Raises Conflict when there is nothing older."""
+        async with self._lock:
+            left = self.engine.active
+            current = (left.info.name, left.info.version) if left else None
+            target = await self._blocking(self.history.rollback_target, current,
+                                          lambda key: self.repo.get(*key) is not None)
+            if target is None:
+                where = f"{current[0]} {current[1]} is the oldest version still installed that was active here" \
+                    if current else "no version was active before"
+                raise Conflict(f"nothing older to roll back to: {where}")
+            version = await self._activate_stored(*target, source, rollback=True)
         came_from = f"from {left.info.name} {left.info.version}" if left else None
         self._emit("rolled_back", source, version.record.get("package", ""), name=version.name,
                    version=version.version, reason="; ".join(filter(None, [came_from, reason])) or None)
@@ -290,6 +316,15 @@ def _model_record(model: LoadedModel) -> dict[str, Any]:
     info = model.info
     return {"handler": info.handler, "model_file": info.model_file, "labels_file": info.labels_file,
             "model_sha256": info.model_sha256}
+
+
+def _manifest_activates(version: InstalledVersion) -> bool:
+    """What the installed package's own model.json says about activation (its install record keeps
+    what was decided then, which a twin intent may have overridden)."""
+    try:
+        return read_manifest(version.path, *version.key).activate
+    except PackageError:
+        return bool(version.record.get("activate", True))
 
 
 def _mark_activated(path: Path) -> None:
