@@ -25,6 +25,7 @@ from supervisor.errors import Conflict, ModelInvalid, NotFound
 from supervisor.events import EventBus, ModelEvent, State
 from supervisor.formats import ACTIVATED_MARKER, ACTIVATIONS_FILE, TMP_PREFIX
 from supervisor.history import ActivationHistory
+from supervisor.late_sidecar import is_checksum_sidecar, judge_late_sidecar
 from supervisor.package import PackageError, read_manifest
 from supervisor.quarantine import Quarantine
 from supervisor.reasons import user_reason
@@ -148,6 +149,9 @@ class Pipeline:
         async with self._lock:
             if not package.exists():
                 return None
+            if is_checksum_sidecar(package.name) and package.is_file():
+                await self._late_sidecar(package, source)
+                return None
             intent = read_intent(package, source)
             source = intent.source
             name = package.name
@@ -172,6 +176,16 @@ class Pipeline:
             await self._blocking(self.quarantine.add, package, reason, sha, sidecars(package))
             self._emit("rejected", source, name, sha256=sha, reason=reason)
             return None
+
+    async def _late_sidecar(self, sidecar: Path, source: str) -> None:
+        """A checksum sidecar whose package had already been taken (late_sidecar.py)."""
+        reason = await self._blocking(judge_late_sidecar, sidecar, self.repo, self.quarantine)
+        if reason is None:
+            log.info("late_sidecar_matches", sidecar=sidecar.name)
+            await self._blocking(sidecar.unlink, True)
+            return
+        await self._blocking(self.quarantine.add, sidecar, reason, None)
+        self._emit("rejected", source, sidecar.name, reason=reason)
 
     async def _process_locked(self, package: Path, name: str, sha: str, intent: Intent) -> InstalledVersion | None:
         source = intent.source
