@@ -113,12 +113,17 @@ class DesiredModel:
     def parse(cls, desired: Mapping[str, Any]) -> DesiredModel | None:
         """None when no model is asked for; ValueError with a reportable reason (one line, never the
         URL) when malformed. Keys starting with '$' ($version, $metadata) belong to IoT Hub."""
-        ours = {k: v for k, v in desired.items() if not str(k).startswith("$")}
+        # Empty values are how a deployment says "none" (deployment.template.json): absent.
+        ours = {k: v for k, v in desired.items() if not str(k).startswith("$") and v not in (None, "")}
+        fields = DesiredProperties.model_fields
+        if "FileName" not in ours and "DownloadUrl" not in ours:
+            # No model asked for: the rest is not looked at, but a misspelt property still is.
+            ours = {k: v for k, v in ours.items() if k not in fields}
         try:
             props = DesiredProperties.model_validate(ours)
         except ValidationError as exc:
-            raise ValueError(describe_errors(exc, known=list(DesiredProperties.model_fields), label=str,
-                                             secrets=("DownloadUrl",), what="desired property")) from None
+            raise ValueError(describe_errors(exc, known=list(fields), label=str, secrets=("DownloadUrl",),
+                                             what="desired property")) from None
         if not props.FileName and not props.DownloadUrl:
             return None
         if not props.FileName:

@@ -90,6 +90,18 @@ def test_a_config_file_with_an_unknown_or_bad_key(tmp_path: Path) -> None:
     assert "is not valid TOML" in one_line_error(serve("--config", str(conf)))
 
 
+def test_a_model_flag_that_cannot_be_used_is_one_line(tmp_path: Path) -> None:
+    line = one_line_error(serve("--model", "missing.zip", "--port", "0", "--data-dir", str(tmp_path)))
+    assert line == "edgeloader: --model missing.zip: no such file or folder"
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip")
+    proc = serve("--model", str(bad), "--host", "127.0.0.1", "--port", "0", "--twin", "off",
+                 "--data-dir", str(tmp_path / "data"), env=_env(EDGELOADER_LOG_FORMAT="json"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (f"edgeloader: --model {bad} was rejected: not a valid zip file "
+                                                    "(truncated, or not a zip at all)")
+
+
 def test_a_misspelt_variable_is_named_with_the_setting_meant(tmp_path: Path) -> None:
     assert unknown_environment({"EDGELOADER_WORKER": "1", "EDGELOADER_CA_CERT": "ca.pem", "HOME": "/root"}) == [
         "EDGELOADER_WORKER is not a setting and is ignored; did you mean EDGELOADER_WORKERS?"]
