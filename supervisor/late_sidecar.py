@@ -30,7 +30,8 @@ def judge_late_sidecar(sidecar: Path, repo: Repository, quarantine: Quarantine) 
     name = sidecar.name
     suffix = next(s for s in CHECKSUM_SUFFIXES if name.lower().endswith(s))
     owner = name[: -len(suffix)]
-    words = sidecar.read_text("utf-8", "replace").split()
+    with sidecar.open("rb") as f:  # a checksum line; whatever else a file of that name holds is not read
+        words = f.read(4096).decode("utf-8", "replace").split()
     given = words[0].lower() if words else ""
     installed = [v for v in repo.versions() if v.record.get("package") == owner]
     if installed:

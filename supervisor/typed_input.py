@@ -40,6 +40,9 @@ _BOUNDS = {
     "less_than_equal": ("at most", "le"),
 }
 _MAX_SHOWN = 60
+# Names pydantic gives union branches in an error's location (e.g. ('version', 'str')).
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "tuple", "dict", "none", "lax-or-strict",
+                        "json-or-python", "constrained-str", "constrained-int", "constrained-float"})
 
 
 def nearest(word: str, choices: Collection[str]) -> str | None:
@@ -131,8 +134,3 @@ def describe_errors(
         name = label(field) if not inner or form else f"{label(field)}.{'.'.join(inner)}"
         parts.append(_sentence(error, name, form, field in secrets, note_text))
     return "; ".join(dict.fromkeys(parts))
-
-
-# Names pydantic gives union branches in an error's location (e.g. ('version', 'str')).
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "tuple", "dict", "none", "lax-or-strict",
-                        "json-or-python", "constrained-str", "constrained-int", "constrained-float"})
