@@ -10,13 +10,15 @@ HOST ?= 0.0.0.0
 DATA_DIR ?= ./var
 STAMP = $(VENV)/.installed
 
-.PHONY: help setup run test lint typecheck pytest bench clean services
+.PHONY: help setup run test lint typecheck pytest bench clean clean-data services
 
 help:
 	@echo "make run [PORT=8080]   set up and serve the bundled default model (data in $(DATA_DIR))"
 	@echo "make test              set up, then ruff, mypy and pytest (installs mosquitto + Azurite for the twin tests)"
 	@echo "make bench             benchmarks (prints a table, writes bench/results.json)"
 	@echo "make image|push|deployment|lint   ship it as an IoT Edge module (see docs/deployment.md)"
+	@echo "make clean             remove the venv, test tools and build output (keeps $(DATA_DIR), the model repository)"
+	@echo "make clean-data        remove $(DATA_DIR): installed models, quarantine, drop folder"
 
 # Re-install when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -51,7 +53,11 @@ test: $(STAMP) services
 bench: $(STAMP)
 	$(PY) bench/run.py
 
+# The model repository ($(DATA_DIR)) holds what operators installed: only clean-data removes it.
 clean:
-	rm -rf $(VENV) var .tools .mypy_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache build dist *.egg-info
+
+clean-data:
+	rm -rf $(DATA_DIR)
 
 -include mk/deploy.mk

@@ -17,12 +17,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
+from pydantic import ValidationError
+
+from handlers.options import HandlerOptions
 
 __all__ = [
     "REGISTRY",
     "Detection",
     "Handler",
     "HandlerMismatch",
+    "OptionsRejected",
     "Prepared",
     "Signature",
     "TensorSpec",
@@ -81,6 +85,14 @@ class HandlerMismatch(Exception):
     """No handler fits a model's signature (or the named one does not)."""
 
 
+class OptionsRejected(HandlerMismatch):
+    """The family that fits takes no such ``handler_options`` (a typo, a wrong type)."""
+
+    def __init__(self, handler: str, model: type[HandlerOptions], error: ValidationError) -> None:
+        super().__init__(f"handler_options of {handler}: {error}")
+        self.handler, self.model, self.error = handler, model, error
+
+
 class Handler(ABC):
     """Base class of a model family.
 
@@ -92,10 +104,21 @@ class Handler(ABC):
     name: ClassVar[str]
     # A short human description, shown in /models.
     description: ClassVar[str] = ""
+    # What model.json's handler_options may say to this family (unknown keys are refused).
+    options_model: ClassVar[type[HandlerOptions]] = HandlerOptions
 
-    def __init__(self, signature: Signature, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, signature: Signature, options: Mapping[str, Any] | HandlerOptions | None = None) -> None:
+        """Raises pydantic's ValidationError when ``options`` do not fit ``options_model``."""
         self.signature = signature
-        self.options: Mapping[str, Any] = options or {}
+        self.options = self.parse_options(options)
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any] | HandlerOptions | None) -> HandlerOptions:
+        if isinstance(options, cls.options_model):
+            return options
+        if isinstance(options, HandlerOptions):
+            options = options.model_dump(exclude_unset=True)
+        return cls.options_model.model_validate(dict(options or {}))
 
     @classmethod
     @abstractmethod
@@ -130,7 +153,7 @@ class Handler(ABC):
     @property
     def min_score(self) -> float:
         """Lowest score worth returning (requests can ask for more, never for less)."""
-        return float(self.options.get("min_score", 0.05))
+        return 0.05 if self.options.min_score is None else self.options.min_score
 
 
 REGISTRY: dict[str, type[Handler]] = {}
@@ -152,7 +175,7 @@ def describe(signature: Signature) -> str:
 
 
 def choose_handler(
-    signature: Signature, name: str | None = None, options: Mapping[str, Any] | None = None
+    signature: Signature, name: str | None = None, options: Mapping[str, Any] | HandlerOptions | None = None
 ) -> Handler:
     """The handler for a model: the named one (checked), else the single family that matches."""
     import handlers  # noqa: F401  (importing the package registers every family)
@@ -163,15 +186,23 @@ def choose_handler(
             raise HandlerMismatch(f"unknown handler {name!r}; known: {', '.join(sorted(REGISTRY))}")
         if not cls.matches(signature):
             raise HandlerMismatch(f"handler {name!r} does not fit the model: {describe(signature)}")
-        return cls(signature, options)
+        return _make(cls, signature, options)
     fits = [cls for cls in REGISTRY.values() if cls.matches(signature)]
     if not fits:
+        # The action first: a reason shown in the twin is cut at ~200 characters, the signature may be long.
         raise HandlerMismatch(
-            f"no handler matches the model signature ({describe(signature)}); "
-            f"set 'handler' in model.json to one of: {', '.join(sorted(REGISTRY))}"
+            f"no handler matches the model; set 'handler' in model.json to one of "
+            f"{', '.join(sorted(REGISTRY))} (model signature: {describe(signature)})"
         )
     if len(fits) > 1:
         raise HandlerMismatch(
             f"several handlers match ({', '.join(c.name for c in fits)}); name one in model.json"
         )
-    return fits[0](signature, options)
+    return _make(fits[0], signature, options)
+
+
+def _make(cls: type[Handler], signature: Signature, options: Mapping[str, Any] | HandlerOptions | None) -> Handler:
+    try:
+        return cls(signature, options)
+    except ValidationError as exc:
+        raise OptionsRejected(cls.name, cls.options_model, exc) from None

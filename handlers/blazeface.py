@@ -31,6 +31,7 @@ from PIL import Image
 from handlers.base import Detection, Handler, Prepared, Signature, TensorSpec, register
 from handlers.boxes import to_detections, weighted_nms
 from handlers.imaging import Letterbox, PixelScale, image_to_tensor
+from handlers.options import HandlerOptions
 
 __all__ = ["BlazeFace", "ssd_anchor_centers"]
 
@@ -107,7 +108,7 @@ class BlazeFace(Handler):
     name = "blazeface"
     description = "MediaPipe BlazeFace face detector (short range 128 / full range 192)"
 
-    def __init__(self, signature: Signature, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, signature: Signature, options: Mapping[str, Any] | HandlerOptions | None = None) -> None:
         super().__init__(signature, options)
         roles = _roles(signature)
         if roles is None:
@@ -134,7 +135,8 @@ class BlazeFace(Handler):
     def min_score(self) -> float:
         # MediaPipe's min_score_thresh filters *before* the weighted blending, so it is part
         # of the decoding, not just a reporting cut-off.
-        return float(self.options.get("min_score", self._variant.min_score_thresh))
+        given = self.options.min_score
+        return self._variant.min_score_thresh if given is None else given
 
     def preprocess(self, image: Image.Image) -> Prepared:
         tensor, geo = image_to_tensor(image, self.input_size, scale=_SCALE, keep_aspect=True, fill=0)

@@ -19,6 +19,7 @@ from PIL import Image
 from handlers.base import Detection, Handler, Prepared, Signature, TensorSpec, register
 from handlers.boxes import to_detections, yxyx_to_xyxy
 from handlers.imaging import PixelScale, image_to_tensor
+from handlers.options import HandlerOptions, SizedOptions
 
 __all__ = ["OnnxYoloV3"]
 
@@ -51,8 +52,10 @@ def _roles(signature: Signature) -> tuple[TensorSpec, TensorSpec, TensorSpec, Te
 class OnnxYoloV3(Handler):
     name = "onnx_yolov3"
     description = "ONNX model zoo YOLOv3 / tiny-YOLOv3 (image + image_shape in, NMS indices out)"
+    options_model = SizedOptions
+    options: SizedOptions
 
-    def __init__(self, signature: Signature, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, signature: Signature, options: Mapping[str, Any] | HandlerOptions | None = None) -> None:
         super().__init__(signature, options)
         roles = _roles(signature)
         if roles is None:
@@ -62,10 +65,7 @@ class OnnxYoloV3(Handler):
         self._boxes, self._scores, self._indices = boxes.name, scores.name, indices.name
         self._classes = scores.shape[1]
         h, w = image.shape[2], image.shape[3]
-        forced = self.options.get("input_size")
-        self._size: tuple[int, int] = (
-            (int(forced[0]), int(forced[1])) if forced else (w, h) if w and h else (416, 416)
-        )
+        self._size: tuple[int, int] = self.options.input_size or ((w, h) if w and h else (416, 416))
 
     @classmethod
     def matches(cls, signature: Signature) -> bool:

@@ -25,6 +25,7 @@ from handlers.base import Signature, TensorSpec
 __all__ = [
     "ModelLoadError",
     "Runtime",
+    "RuntimeMissing",
     "open_runtime",
     "tflite_interpreter_class",
 ]
@@ -34,6 +35,10 @@ log = structlog.get_logger(__name__)
 
 class ModelLoadError(Exception):
     """The model file cannot be loaded by its runtime."""
+
+
+class RuntimeMissing(ModelLoadError):
+    """The runtime the model needs is not installed here (``edgeloader pack`` on a build machine)."""
 
 
 class Runtime(Protocol):
@@ -99,7 +104,10 @@ class OnnxRuntime:
     """
 
     def __init__(self, path: Path, threads: int = 0, cache: bool = True) -> None:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeMissing(f"onnxruntime is not installed here, so {path.name} cannot be loaded") from exc
 
         self._ort = ort
         self._threads = threads
@@ -213,8 +221,8 @@ def tflite_interpreter_class() -> Any:
         try:
             from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
         except ImportError as exc:
-            raise ModelLoadError(
-                "no TFLite runtime installed: pip install ai-edge-litert (or tflite-runtime with numpy<2)"
+            raise RuntimeMissing(
+                "LiteRT is not installed here: pip install ai-edge-litert (or tflite-runtime with numpy<2)"
             ) from exc
     return Interpreter
 

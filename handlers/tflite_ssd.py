@@ -18,8 +18,9 @@ from PIL import Image
 from handlers.base import Detection, Handler, Prepared, Signature, TensorSpec, register
 from handlers.boxes import to_detections, yxyx_to_xyxy
 from handlers.imaging import PixelScale, image_to_tensor
+from handlers.options import HandlerOptions, Number, SizedOptions
 
-__all__ = ["PostProcessedSsd", "TfliteSsd"]
+__all__ = ["PostProcessedSsd", "TfliteSsd", "TfliteSsdOptions"]
 
 _TF1_PREFIX = "TFLite_Detection_PostProcess"
 
@@ -48,16 +49,15 @@ class PostProcessedSsd(Handler):
     input_dtypes: ClassVar[tuple[str, ...]] = ("uint8",)
     # Size to feed when the model's input height/width are dynamic.
     default_size: ClassVar[tuple[int, int]] = (300, 300)
+    options_model: ClassVar[type[HandlerOptions]] = SizedOptions
+    options: SizedOptions
 
-    def __init__(self, signature: Signature, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, signature: Signature, options: Mapping[str, Any] | HandlerOptions | None = None) -> None:
         super().__init__(signature, options)
         spec = signature.inputs[0]
         self._input = spec.name
         h, w = spec.shape[1], spec.shape[2]
-        forced = self.options.get("input_size")
-        self._size: tuple[int, int] = (
-            (int(forced[0]), int(forced[1])) if forced else (w, h) if w and h else self.default_size
-        )
+        self._size: tuple[int, int] = self.options.input_size or ((w, h) if w and h else self.default_size)
         self._scale = self._input_scale(spec)
         self._int8 = spec.dtype == "int8"
         by_rank: dict[int, list[str]] = {}
@@ -124,6 +124,15 @@ def _unit(x: np.ndarray) -> bool:
     return bool(np.all((x >= 0.0) & (x <= 1.0)))
 
 
+class TfliteSsdOptions(SizedOptions):
+    """handler_options of ``tflite_ssd``."""
+
+    forms: ClassVar[dict[str, str]] = {"input_range": "[low, high], two numbers, e.g. [-1, 1]"}
+
+    input_range: tuple[Number, Number] = (-1.0, 1.0)
+    """[low, high]: the values pixels 0..255 map onto, for float inputs (quantized inputs take raw pixels)."""
+
+
 @register
 class TfliteSsd(PostProcessedSsd):
     """TFLite SSD with the TFLite_Detection_PostProcess op (class ids 0-based, no background)."""
@@ -131,6 +140,8 @@ class TfliteSsd(PostProcessedSsd):
     name = "tflite_ssd"
     description = "TFLite SSD / EfficientDet-Lite with TFLite_Detection_PostProcess"
     input_dtypes = ("float32", "uint8", "int8")
+    options_model = TfliteSsdOptions
+    options: TfliteSsdOptions
 
     @classmethod
     def matches(cls, signature: Signature) -> bool:
@@ -146,5 +157,5 @@ class TfliteSsd(PostProcessedSsd):
             # the input scale/zero point so that 0..255 lands on the range the float model was
             # trained on, whatever that range was. Normalising here would apply it twice.
             return None
-        low, high = self.options.get("input_range", (-1.0, 1.0))
-        return PixelScale.to_range(float(low), float(high))
+        low, high = self.options.input_range
+        return PixelScale.to_range(low, high)

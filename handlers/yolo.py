@@ -12,16 +12,18 @@ below ``min_score``, runs class-wise NMS (``iou_threshold``, default 0.45) and u
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from handlers.base import Detection, Handler, Prepared, Signature, register
 from handlers.boxes import cxcywh_to_xyxy, nms_per_class, to_detections
 from handlers.imaging import Letterbox, PixelScale, image_to_tensor
+from handlers.options import HandlerOptions, SizedOptions
 
-__all__ = ["Yolo"]
+__all__ = ["Yolo", "YoloOptions"]
 
 _SCALE = PixelScale.to_range(0.0, 1.0)
 _FILL = 114
@@ -36,17 +38,28 @@ def _is_v8(d1: int | None, d2: int | None) -> bool | None:
     return d1 < d2
 
 
+class YoloOptions(SizedOptions):
+    """handler_options of ``yolo``."""
+
+    iou_threshold: float = Field(0.45, ge=0.0, le=1.0, strict=True)
+    """Boxes of one class overlapping more than this (intersection over union) are merged by NMS."""
+    layout: Literal["v5", "v8"] | None = None
+    """Output layout when its shape does not tell: "v5" ([1,N,5+C]) or "v8" ([1,4+C,N])."""
+
+
 @register
 class Yolo(Handler):
     name = "yolo"
     description = "YOLOv5 / YOLOv8 ONNX export (raw [1,4+C,N] or [1,N,5+C] output, NMS here)"
+    options_model = YoloOptions
+    options: YoloOptions
 
-    def __init__(self, signature: Signature, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, signature: Signature, options: Mapping[str, Any] | HandlerOptions | None = None) -> None:
         super().__init__(signature, options)
         spec = signature.inputs[0]
         self._input = spec.name
         self._output = signature.outputs[0].name
-        layout = self.options.get("layout")
+        layout = self.options.layout
         d1, d2 = signature.outputs[0].shape[1:]
         self._v8: bool | None = {"v8": True, "v5": False}.get(layout) if layout else _is_v8(d1, d2)
         self._classes: int | None = None
@@ -55,11 +68,8 @@ class Yolo(Handler):
         elif self._v8 is False and d2:
             self._classes = d2 - 5
         h, w = spec.shape[2], spec.shape[3]
-        forced = self.options.get("input_size")
-        self._size: tuple[int, int] = (
-            (int(forced[0]), int(forced[1])) if forced else (w, h) if w and h else (640, 640)
-        )
-        self._iou = float(self.options.get("iou_threshold", 0.45))
+        self._size: tuple[int, int] = self.options.input_size or ((w, h) if w and h else (640, 640))
+        self._iou = self.options.iou_threshold
 
     @classmethod
     def matches(cls, signature: Signature) -> bool:

@@ -11,47 +11,64 @@ from supervisor import __version__
 __all__ = ["main"]
 
 
+def _fail(message: object) -> int:
+    """A start-up problem: one line on stderr and exit status 2, never a traceback."""
+    print(f"edgeloader: {message}", file=sys.stderr)
+    return 2
+
+
 def _serve(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="edgeloader serve",
         description="Serve the active model over HTTP and watch for new ones. Flags beat EDGELOADER_* "
-        "environment variables, which beat config/settings.toml.",
+        "environment variables, which beat the settings file (config/settings.toml). Exit status 2: "
+        "it could not start (a bad setting, a busy port, a rejected --model), with one line saying why.",
     )
     parser.add_argument("--host", help="address to listen on (default 0.0.0.0)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8080; 0: any free port)")
     parser.add_argument("--data-dir", type=Path, help="model repository and drop folders (default ./var)")
     parser.add_argument("--model", type=Path, help="import this model file, folder or zip and activate it")
     parser.add_argument("--config", type=Path, help="a settings file instead of config/settings.toml")
     parser.add_argument("--twin", choices=["auto", "off"], help="IoT Hub twin watcher (default auto)")
     args = parser.parse_args(argv)
 
-    from aiohttp import web
+    from supervisor.errors import StartupError
+    from supervisor.listen import bind
+    from supervisor.settings import SettingsError, load_settings, unknown_environment
 
-    from supervisor.app import StartupError, build_app
-    from supervisor.logs import configure_logging
-    from supervisor.memory import pin_mmap_threshold
-    from supervisor.settings import load_settings
-
+    for warning in unknown_environment():  # before logging is set up: it may be what is misspelt
+        print(f"edgeloader: warning: {warning}", file=sys.stderr)
     try:
         settings = load_settings(
             {"host": args.host, "port": args.port, "data_dir": args.data_dir, "twin": args.twin},
             config_file=args.config,
         )
-    except ValueError as exc:
-        print(f"edgeloader: {exc}", file=sys.stderr)
-        return 2
+    except SettingsError as exc:
+        return _fail(exc)
+    if args.model is not None and not args.model.exists():
+        return _fail(f"--model {args.model}: no such file or folder")
+    try:
+        sock = bind(settings.host, settings.port)
+    except StartupError as exc:
+        return _fail(exc)
+
+    from aiohttp import web
+
+    from supervisor.app import build_app, serving_logger
+    from supervisor.logs import configure_logging
+    from supervisor.memory import pin_mmap_threshold
+
     configure_logging(settings.log_format, settings.log_level)
     pin_mmap_threshold()  # before any model is loaded
     app = build_app(settings, import_path=args.model)
     try:
         # run_app turns SIGTERM/SIGINT into a graceful stop: listeners close, in-flight requests
         # get shutdown_timeout seconds, then cleanup_ctx leaves the services in reverse order.
-        # 8 s leaves room for that cleanup inside Docker's default 10 s before SIGKILL.
-        web.run_app(app, host=settings.host, port=settings.port, access_log=None,
-                    shutdown_timeout=8.0, print=None)
+        # 8 s leaves room for that cleanup inside Docker's default 10 s before SIGKILL. Its print
+        # hook runs once the socket listens: that is when the service says it is serving.
+        web.run_app(app, sock=sock, access_log=None, shutdown_timeout=8.0, print=serving_logger(app, sock))
     except StartupError as exc:
-        print(f"edgeloader: {exc}", file=sys.stderr)
-        return 1
+        return _fail(exc)
     return 0
 
 

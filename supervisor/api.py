@@ -23,7 +23,7 @@ from supervisor.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS
+from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
 from supervisor.openapi import openapi_document
 from supervisor.pathrules import is_safe_component, public_reason
 
@@ -296,6 +296,7 @@ async def list_models(request: web.Request) -> web.Response:
         "current_on_disk": f"{current.name}/{current.version}" if current else None,
         "versions": versions,
         "rejected": request.app[PIPELINE].quarantine.entries(),
+        "twin": request.app[TWIN_STATUS].public() if TWIN_STATUS in request.app else None,
         "events": [e.to_dict() for e in request.app[EVENTS].history][-50:],
     })
 

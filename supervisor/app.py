@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import structlog
@@ -19,20 +20,18 @@ from aiohttp import web
 from supervisor.api import error_middleware, request_log_middleware, routes
 from supervisor.auth import token_middleware
 from supervisor.engine import Engine
+from supervisor.errors import StartupError
 from supervisor.events import EventBus
-from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS
+from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
 from supervisor.pipeline import Pipeline
 from supervisor.repository import Repository
 from supervisor.settings import Settings
 from supervisor.supervise import supervised
+from supervisor.twin_status import TwinStatus
 
-__all__ = ["ImportFailed", "StartupError", "build_app"]
+__all__ = ["ImportFailed", "StartupError", "build_app", "serving_logger"]
 
 log = structlog.get_logger(__name__)
-
-
-class StartupError(RuntimeError):
-    """The service cannot start; the message tells the operator what to fix."""
 
 
 class ImportFailed(StartupError):
@@ -61,8 +60,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ENGINE], app[REPOSITORY], app[PIPELINE] = engine, repo, pipeline
     await pipeline.start()
     active = engine.active
-    log.info("serving", model=active.info.name if active else None, version=active.info.version if active else None,
-             handler=active.info.handler if active else None, data_dir=str(settings.data_dir))
+    log.info("model_ready", model=active.info.name if active else None,
+             version=active.info.version if active else None, data_dir=str(settings.data_dir))
     yield
     await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
@@ -115,6 +114,7 @@ async def _twin_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     if settings.twin == "off":
         log.info("twin_disabled", reason="EDGELOADER_TWIN=off: models arrive through the drop folder only")
+        app[TWIN_STATUS].set("off", reason="EDGELOADER_TWIN=off")
         yield
         return
     from supervisor.twin import TwinService
@@ -126,6 +126,7 @@ async def _twin_ctx(app: web.Application) -> AsyncIterator[None]:
         twin_timeout=settings.twin_timeout_seconds,
         download_retries=settings.download_retries,
         download_read_timeout=settings.download_read_timeout_seconds,
+        status=app[TWIN_STATUS],
     )
     async with supervised("twin-watcher", service.run):
         yield
@@ -137,6 +138,24 @@ IMPORT_PATH = web.AppKey("import_path", Path)
 async def _plain_server_header(request: web.Request, response: web.StreamResponse) -> None:
     """aiohttp advertises ``Python/3.x aiohttp/3.y``: versions tell a scanner which CVEs to try."""
     response.headers["Server"] = "edge-model-loader"
+
+
+def serving_logger(app: web.Application, sock: socket.socket) -> Callable[..., None]:
+    """For ``run_app(print=...)``, which calls it once the socket listens and the services have
+    started: one ``serving`` line naming the address, the port actually bound and the model."""
+
+    def serving(*_banner: object, **_kwargs: object) -> None:
+        host, port = sock.getsockname()[:2]
+        active = app[ENGINE].active if ENGINE in app else None
+        log.info("serving", url=f"http://{_url_host(host)}:{port}/", host=host, port=port,
+                 model=active.info.name if active else None, version=active.info.version if active else None,
+                 handler=active.info.handler if active else None)
+
+    return serving
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def build_app(settings: Settings, import_path: Path | None = None, services: bool = True) -> web.Application:
@@ -151,6 +170,7 @@ def build_app(settings: Settings, import_path: Path | None = None, services: boo
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[EVENTS] = EventBus()
+    app[TWIN_STATUS] = TwinStatus()
     if import_path is not None:
         app[IMPORT_PATH] = import_path
     app.add_routes(routes)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import os
 import random
@@ -30,6 +29,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from supervisor.formats import parse_md5, parse_sha256
 from supervisor.partfile import PartFile, resume_note_path
 from supervisor.redact import redact, redact_url
 
@@ -71,28 +71,6 @@ class DownloadResult:
     bytes_fetched: int  # body bytes received over the network, retries included
     attempts: int  # HTTP requests made
     etag: str | None
-
-
-def parse_sha256(value: str) -> str:
-    """A SHA-256 given as hex (any case). Returns lower-case hex; raises ValueError otherwise."""
-    text = value.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", text):
-        raise ValueError("ContentSHA256 must be 64 hex digits")
-    return text
-
-
-def parse_md5(value: str) -> bytes:
-    """An MD5 given as base64 (Azure's Content-MD5) or as 32 hex digits. Returns the 16 raw bytes."""
-    text = value.strip()
-    if re.fullmatch(r"[0-9a-fA-F]{32}", text):
-        return bytes.fromhex(text)
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != 16:
-        raise ValueError("ContentMD5 must be base64 (as Azure Blob gives it) or 32 hex digits")
-    return raw
 
 
 class Download:

@@ -22,15 +22,17 @@ import numpy as np
 import structlog
 from PIL import Image
 
-from handlers.base import Detection, Handler, HandlerMismatch, choose_handler
+from handlers.base import Detection, Handler, HandlerMismatch, OptionsRejected, choose_handler
 from handlers.decodecost import decode_cost
 from handlers.imaging import ImageTooLarge, decode_image, sniff_format
 from handlers.onnx_external import ModelFormatError, external_data_locations
 from handlers.runtimes import ModelLoadError, Runtime, open_runtime
 from supervisor.errors import Busy, ModelInvalid, NoModelLoaded
+from supervisor.manifest import options_error
 from supervisor.membudget import BudgetExceeded, BudgetTimeout, MemoryBudget
 from supervisor.package import Manifest, PackageError, file_sha256, read_labels, read_manifest
 from supervisor.pathrules import member_path
+from supervisor.reasons import user_reason
 
 __all__ = ["DetectResult", "Engine", "LoadedModel", "load_and_warm", "load_model"]
 
@@ -102,8 +104,10 @@ def load_model(
             _check_external_data(folder, manifest.model_file)
         runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers)
         handler = choose_handler(runtime.signature, manifest.handler, manifest.handler_options)
+    except OptionsRejected as exc:
+        raise ModelInvalid("model.json: " + options_error(exc.error, exc.model, exc.handler)) from exc
     except (PackageError, ModelLoadError, HandlerMismatch, OSError) as exc:
-        raise ModelInvalid(str(exc)) from exc
+        raise ModelInvalid(user_reason(str(exc), None, folder)) from exc
     if not labels:
         raise ModelInvalid(
             "no labels: add labels.txt (one class name per line) or name the labels file in model.json"
@@ -158,8 +162,15 @@ def load_and_warm(
         model.handler.postprocess(outputs, prepared)
     except Exception as exc:  # any failure here means the model is unusable
         model.runtime.close()
-        raise ModelInvalid(f"warm-up inference failed: {type(exc).__name__}: {exc}") from exc
+        raise ModelInvalid(user_reason(f"warm-up inference failed: {_describe(exc)}", None, folder)) from exc
     return model
+
+
+def _describe(exc: BaseException) -> str:
+    """The error's text, with its type when that says something (a TypeError from a handler; not a
+    runtime's private InvalidArgument, whose text says it all)."""
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if type(exc).__module__ == "builtins" and str(exc) else text
 
 
 @dataclass
@@ -309,7 +320,7 @@ class Engine:
             found = model.handler.postprocess(outputs, prepared)
         except Exception as exc:
             # The image decoded fine, so this is the model's fault, not the client's.
-            raise ModelInvalid(f"inference failed: {type(exc).__name__}: {exc}") from exc
+            raise ModelInvalid(user_reason(f"inference failed: {_describe(exc)}", None, model.info.path)) from exc
         t4 = time.perf_counter()
         detections = self._format(model, found, width, height, threshold, max_results, labels)
         ms = 1000.0

@@ -11,8 +11,14 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RequestTimeout",
+    "StartupError",
     "UnsupportedMediaType",
 ]
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message (one line) tells the operator what to fix. The command
+    line prints it and exits with status 2."""
 
 
 class EdgeLoaderError(Exception):

@@ -57,5 +57,9 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     # The SDK and paho are chatty at INFO: keep their warnings only.
     for noisy in ("azure.iot.device", "paho", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # watchfiles logs "N changes detected" at INFO for every batch of file events: that is debug
+    # detail (the watcher logs what it does with them), shown only when debugging.
+    debugging = root.getEffectiveLevel() <= logging.DEBUG
+    logging.getLogger("watchfiles").setLevel(logging.NOTSET if debugging else logging.WARNING)
     # The API logs one line per request itself, with the request id and model.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from supervisor import __version__
+from supervisor.manifest import manifest_schema
 
 __all__ = ["openapi_document"]
 
@@ -19,14 +20,15 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {
-        400: "Bad request (undecodable image, bad query value)",
+        400: "Bad request (undecodable image, bad query value, too many multipart parts)",
         401: "Missing or wrong API token (only when the service has one)",
         404: "Not found",
+        408: "The request body did not arrive in time",
         409: "Conflict",
-        413: "Body over the size limit, or image dimensions over the pixel limit",
+        413: "Body over the size limit, image dimensions over the pixel limit, or a decode over the memory budget",
         415: "Unsupported Content-Type or image format",
         500: "The model failed",
-        503: "No model loaded",
+        503: "No model loaded, or busy: no decode memory free in time",
     }
     return {str(c): _json(_ERROR, text[c]) for c in codes}
 
@@ -86,6 +88,14 @@ def _get(summary: str, ok: str, *errors: int) -> dict[str, Any]:
     return {"get": {"summary": summary, "responses": {"200": _json({"type": "object"}, ok), **_errors(*errors)}}}
 
 
+def _schemas() -> dict[str, Any]:
+    """The response schemas, and model.json's (for editors and tools reading this document)."""
+    manifest = manifest_schema(ref_template="#/components/schemas/{model}")
+    option_models = manifest.pop("$defs")
+    manifest.pop("$schema")
+    return {**_SCHEMAS, "ModelManifest": manifest, **option_models}
+
+
 def openapi_document() -> dict[str, Any]:
     name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -97,12 +107,12 @@ def openapi_document() -> dict[str, Any]:
             "/detect": {"post": {
                 "summary": "Detect objects in an image", "parameters": _DETECT_PARAMS, "requestBody": _IMAGE_BODY,
                 "responses": {"200": _json({"$ref": "#/components/schemas/DetectResponse"}, "Detections"),
-                              **_errors(400, 413, 415, 500, 503)}}},
+                              **_errors(400, 408, 413, 415, 500, 503)}}},
             "/score": {"post": {
                 "summary": "Detect, answering in the Azure video-analytics extension format",
                 "parameters": _DETECT_PARAMS, "requestBody": _IMAGE_BODY,
                 "responses": {"200": _json({"$ref": "#/components/schemas/ScoreResponse"}, "Inferences"),
-                              **_errors(400, 413, 415, 500, 503)}}},
+                              **_errors(400, 408, 413, 415, 500, 503)}}},
             "/healthz": _get("Liveness", "Alive"),
             "/readyz": _get("Readiness: a model is loaded", "Ready", 503),
             "/v2/health/live": _get("Open Inference Protocol liveness", "Alive"),
@@ -122,7 +132,7 @@ def openapi_document() -> dict[str, Any]:
                 "security": _TOKEN}},
             "/openapi.json": _get("This document", "OpenAPI document"),
         },
-        "components": {"schemas": _SCHEMAS, "securitySchemes": {"apiToken": {
+        "components": {"schemas": _schemas(), "securitySchemes": {"apiToken": {
             "type": "http", "scheme": "bearer",
             "description": "EDGELOADER_API_TOKEN; needed for model switching when set, for every route "
                            "but the health probes with EDGELOADER_API_TOKEN_SCOPE=all"}}},

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supervisor.formats import LABEL_FILE_NAMES, MANIFEST_NAME, MODEL_SUFFIXES
+from supervisor.manifest import parse_manifest
 from supervisor.pathrules import PackageError, member_path, walk_files
 
 __all__ = [
@@ -30,9 +32,6 @@ __all__ = [
     "read_manifest",
 ]
 
-MANIFEST_NAME = "model.json"
-MODEL_SUFFIXES = (".onnx", ".tflite")
-LABEL_FILE_NAMES = ("labels.txt", "labelmap.txt", "coco_classes.txt")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 # Read before anything else: a manifest or a labels file is text of a few kilobytes; a 50 MB one is
 # an attack on the loader's memory, not a package.
@@ -114,7 +113,7 @@ def read_manifest(folder: Path, fallback_name: str | None = None, fallback_versi
     """The package's manifest, completed by inference where model.json is absent or silent.
 
     ``fallback_name``/``fallback_version`` come from the package's file name or its hash."""
-    raw: dict[str, Any] = {}
+    raw: Any = {}
     manifest_path = folder / MANIFEST_NAME
     if manifest_path.exists() or manifest_path.is_symlink():
         member_path(folder, MANIFEST_NAME, MANIFEST_NAME)  # a regular file, not a link to one
@@ -124,40 +123,37 @@ def read_manifest(folder: Path, fallback_name: str | None = None, fallback_versi
             raise PackageError(f"model.json is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
             raise PackageError("model.json must hold a JSON object")
-    if raw.get("model"):
-        model_file = member_path(folder, raw["model"], "model.json 'model'")
+    try:
+        declared = parse_manifest(raw)  # types, unknown keys, the named handler's options
+    except ValueError as exc:
+        raise PackageError(str(exc)) from None
+    # Every name checked on disk too (pathrules): inside, regular, reached without a symlink.
+    if declared.model:
+        model_file = member_path(folder, declared.model, "model.json 'model'")
     else:
         model_file = _find_model_file(folder)
     if Path(model_file).suffix.lower() not in MODEL_SUFFIXES:
         raise PackageError("model.json 'model' is neither a .onnx nor a .tflite file")
-    if raw.get("labels"):
-        labels_file: str | None = member_path(folder, raw["labels"], "model.json 'labels'")
+    if declared.labels:
+        labels_file: str | None = member_path(folder, declared.labels, "model.json 'labels'")
     else:
         labels_file = _find_labels_file(folder)
-    files = raw.get("files") or {}
-    if not isinstance(files, dict):
-        raise PackageError("model.json 'files' must map file names to SHA-256 hex digests")
     # Checked here, before any hashing: an entry naming a file outside must not get a checksum
     # (nor a "missing") answer that tells the sender something about that file.
-    files = {member_path(folder, k, "model.json 'files'"): v for k, v in files.items()}
-    if not all(isinstance(v, str) and re.fullmatch(r"[0-9A-Fa-f]{64}", v) for v in files.values()):
-        raise PackageError("model.json 'files' must map file names to SHA-256 hex digests")
-    threshold = raw.get("score_threshold")
-    if threshold is not None and not (isinstance(threshold, int | float) and 0.0 <= threshold <= 1.0):
-        raise PackageError("model.json 'score_threshold' must be a number between 0 and 1")
-    name = safe_name(str(raw.get("name") or fallback_name or Path(model_file).stem))
-    version = safe_name(str(raw.get("version") or fallback_version or "1"))
+    files = {member_path(folder, k, "model.json 'files'"): v for k, v in declared.files.items()}
+    name = safe_name(declared.name or fallback_name or Path(model_file).stem)
+    version = safe_name(declared.version or fallback_version or "1")
     return Manifest(
         name=name,
         version=version,
         model_file=model_file,
         labels_file=labels_file,
-        handler=raw.get("handler"),
-        score_threshold=float(threshold) if threshold is not None else None,
-        activate=bool(raw.get("activate", True)),
-        description=str(raw.get("description", "")),
-        files={str(k): str(v).lower() for k, v in files.items()},
-        handler_options=raw.get("handler_options") or {},
+        handler=declared.handler,
+        score_threshold=declared.score_threshold,
+        activate=declared.activate,
+        description=declared.description,
+        files=files,
+        handler_options=dict(declared.handler_options),
     )
 
 

@@ -13,6 +13,7 @@ image) in a temporary folder, touching no repository. Exit status 0: valid, 1: i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -20,10 +21,15 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from handlers.runtimes import RuntimeMissing
 from supervisor.errors import ModelInvalid
+from supervisor.manifest import parse_manifest
 from supervisor.package import MANIFEST_NAME, PackageError, file_sha256, read_manifest
+
+if TYPE_CHECKING:
+    from supervisor.validation import Validated
 
 __all__ = ["pack_main", "verify_main"]
 
@@ -72,20 +78,36 @@ def build_manifest(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         if not 0.0 <= args.score_threshold <= 1.0:
             raise PackageError("--score-threshold must be between 0 and 1")
         raw["score_threshold"] = args.score_threshold
-    if not raw.get("version"):
-        raise PackageError("no version: pass --version or set 'version' in model.json")
     # read_manifest finds the model and labels files and checks the fields as the pipeline will.
     manifest = read_manifest(folder, fallback_name=str(raw.get("name") or folder.name))
-    files = _package_files(folder)
+    files = {f.relative_to(folder).as_posix(): file_sha256(f) for f in _package_files(folder)}
     manifest_out = {
         **raw,
         "name": raw.get("name") or manifest.name,
+        # No version given: one from the files' contents, so the same files always pack to the same
+        # version and different ones never collide (the device does the same from the zip's SHA-256).
+        "version": raw.get("version") or content_version(files),
         "model": manifest.model_file,
-        "files": {f.relative_to(folder).as_posix(): file_sha256(f) for f in files},
+        "files": files,
     }
     if manifest.labels_file:
         manifest_out["labels"] = manifest.labels_file
+    parse_manifest(manifest_out)  # the flags' values (--handler ...) checked as the device will
     return manifest_out
+
+
+def content_version(files: dict[str, str]) -> str:
+    """A version from the files' paths and SHA-256s: 12 hex digits."""
+    digest = hashlib.sha256("".join(f"{path}\0{sha}\n" for path, sha in sorted(files.items())).encode())
+    return digest.hexdigest()[:12]
+
+
+def _folder_manifest_has_version(folder: Path) -> bool:
+    try:
+        raw = json.loads((folder / MANIFEST_NAME).read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and bool(raw.get("version"))
 
 
 def write_zip(folder: Path, manifest: dict[str, Any], out: Path) -> None:
@@ -109,7 +131,8 @@ def pack_main(argv: list[str]) -> int:
     parser.add_argument("folder", type=Path, metavar="DIR", help="folder with the model file and labels")
     parser.add_argument("-o", "--output", type=Path, required=True, help="the zip to write (e.g. model.zip)")
     parser.add_argument("--name", help="model name (default: model.json, else the folder name)")
-    parser.add_argument("--version", help="version (required unless model.json has one)")
+    parser.add_argument("--version", help="version (default: model.json's, else 12 hex digits from the files' "
+                        "contents)")
     parser.add_argument("--handler", help="handler to use (default: matched by the model's signature)")
     parser.add_argument("--score-threshold", type=float, help="default score threshold of the model")
     parser.add_argument("--no-activate", action="store_true", help="install without activating it")
@@ -124,6 +147,7 @@ def pack_main(argv: list[str]) -> int:
         return _fail(f"{folder} is not a folder", 2)
     if out.resolve().is_relative_to(folder.resolve()):
         return _fail("write the package outside the folder being packed", 2)
+    versioned = bool(args.version) or _folder_manifest_has_version(folder)
     try:
         manifest = build_manifest(folder, args)
     except (PackageError, ValueError, OSError) as exc:
@@ -134,7 +158,7 @@ def pack_main(argv: list[str]) -> int:
     try:
         write_zip(folder, manifest, part)
         if not args.no_verify:
-            code = _verify(part, args.config, as_json=False, label=str(out))
+            code = _verify(part, args.config, as_json=False, label=str(out), runtime_optional=True)
             if code != 0:
                 return code
         sha = file_sha256(part)
@@ -145,13 +169,20 @@ def pack_main(argv: list[str]) -> int:
         part.unlink(missing_ok=True)
     print(f"packed {out}: {manifest['name']} {manifest['version']}, {len(manifest['files'])} files, "
           f"{out.stat().st_size} bytes, sha256 {sha}")
+    if not versioned:
+        print(f"  version {manifest['version']} is made from the files' contents; --version (or 'version' in "
+              "model.json) sets one")
     return 0
 
 
 # -- verify ----------------------------------------------------------------------------------------
 
 
-def _verify(package: Path, config: Path | None, as_json: bool, label: str | None = None) -> int:
+def _verify(
+    package: Path, config: Path | None, as_json: bool, label: str | None = None, runtime_optional: bool = False
+) -> int:
+    """Exit status of verifying ``package``. ``runtime_optional`` (pack): where the model's runtime is
+    not installed (a build machine), every other check still runs, and the package passes with a warning."""
     # Imported here: the runtimes are heavy and `pack --help` should not wait for them.
     from supervisor.settings import load_settings
     from supervisor.validation import validate_package
@@ -167,13 +198,27 @@ def _verify(package: Path, config: Path | None, as_json: bool, label: str | None
     with tempfile.TemporaryDirectory(prefix="edgeloader-verify-") as tmp:
         try:
             checked = validate_package(package, Path(tmp), settings)
-        except (PackageError, ModelInvalid, OSError) as exc:
-            if as_json:
-                print(json.dumps({"package": label, "valid": False, "reason": str(exc)}))
-            else:
-                print(f"{label}: INVALID: {exc}", file=sys.stderr)
-            return 1
+        except ModelInvalid as exc:
+            if runtime_optional and isinstance(exc.__cause__, RuntimeMissing):
+                print(f"edgeloader: warning: {exc}; the other checks passed (archive, model.json, hashes, "
+                      "labels file); run 'edgeloader verify' where the runtime is installed", file=sys.stderr)
+                return 0
+            return _invalid(label, exc, as_json)
+        except (PackageError, OSError) as exc:
+            return _invalid(label, exc, as_json)
         checked.model.runtime.close()
+    return _report_valid(label, checked, start, as_json)
+
+
+def _invalid(label: str, exc: Exception, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"package": label, "valid": False, "reason": str(exc)}))
+    else:
+        print(f"{label}: INVALID: {exc}", file=sys.stderr)
+    return 1
+
+
+def _report_valid(label: str, checked: Validated, start: float, as_json: bool) -> int:
     info, manifest = checked.model.info, checked.manifest
     activate = manifest.activate if checked.intent.activate is None else checked.intent.activate
     report = {

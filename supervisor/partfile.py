@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from supervisor.formats import INTENT_SUFFIX
 from supervisor.fsutil import fsync_dir
-from supervisor.validation import INTENT_SUFFIX
 
 __all__ = ["PartFile", "commit", "resume_note_path"]
 

@@ -23,10 +23,14 @@ from supervisor.archive import ArchiveLimits, unpack_package
 from supervisor.engine import Engine, LoadedModel
 from supervisor.errors import Conflict, ModelInvalid, NotFound
 from supervisor.events import EventBus, ModelEvent, State
+from supervisor.formats import ACTIVATED_MARKER, ACTIVATIONS_FILE, TMP_PREFIX
+from supervisor.history import ActivationHistory
+from supervisor.late_sidecar import is_checksum_sidecar, judge_late_sidecar
 from supervisor.package import PackageError, read_manifest
 from supervisor.pathrules import public_reason
 from supervisor.quarantine import Quarantine
-from supervisor.repository import TMP_PREFIX, InstalledVersion, Repository
+from supervisor.reasons import user_reason
+from supervisor.repository import InstalledVersion, Repository
 from supervisor.settings import Settings
 from supervisor.validation import (
     Intent,
@@ -41,7 +45,6 @@ __all__ = ["Pipeline"]
 
 log = structlog.get_logger(__name__)
 
-ACTIVATED_MARKER = ".activated"
 T = TypeVar("T")
 
 
@@ -57,6 +60,7 @@ class Pipeline:
         self.limits = ArchiveLimits(
             settings.max_package_files, settings.max_package_bytes, settings.max_compression_ratio
         )
+        self.history = ActivationHistory(repo.data_dir / ACTIVATIONS_FILE)
         self._lock = asyncio.Lock()
         self._rollback_task: asyncio.Task[None] | None = None
         engine.on_failure_streak = self._on_failure_streak
@@ -104,6 +108,8 @@ class Pipeline:
         """Repair the disk, then serve current, else the newest valid version, else the bundled default."""
         await self._blocking(self.repo.repair)
         current = self.repo.current()
+        previous = self.repo.previous()
+        await self._blocking(self.history.seed, [v.key if v else None for v in (previous, current)])
         candidates = [current] if current else []
         candidates += [v for v in reversed(self.repo.versions()) if current is None or v.key != current.key]
         async with self._lock:
@@ -144,6 +150,9 @@ class Pipeline:
         async with self._lock:
             if not (package.exists() or package.is_symlink()):
                 return None
+            if is_checksum_sidecar(package.name) and package.is_file():
+                await self._late_sidecar(package, source)
+                return None
             name = package.name
             sha: str | None = None
             reason: str | None
@@ -166,27 +175,42 @@ class Pipeline:
                 return await self._process_locked(package, name, sha, intent)
             except (PackageError, ModelInvalid, FileExistsError, OSError) as exc:
                 reason = str(exc) if not isinstance(exc, FileExistsError) else f"{exc}, with other content"
+                # The full text (a runtime's own error) for the log; the user gets the short one.
+                log.info("package_rejected_detail", package=name, detail=str(exc.__cause__ or exc))
             except Exception as exc:
                 # A bug of ours or a library's met on this package: quarantine it all the same, with
                 # the reason (visible in /models), rather than leave it in the folder unexplained.
                 log.exception("package_processing_error", package=name)
                 reason = f"unexpected error while processing the package: {type(exc).__name__}: {exc}"
-            # What users see (/models, reason.json, the twin) is short, printable and names no
-            # device path; the log keeps the whole text.
-            if public_reason(reason) != reason:
+            # Shown in /models, reason.json and the twin: relative to the package, short, printable,
+            # no device path; the log keeps the whole text.
+            shown = public_reason(user_reason(reason, self.repo.data_dir))
+            if shown != reason:
                 log.info("package_rejected_detail", package=name, detail=reason)
-            reason = public_reason(reason)
+            reason = shown
             await self._blocking(self.quarantine.add, package, reason, sha, sidecars(package))
             self._emit("rejected", source, name, sha256=sha, reason=reason)
             return None
+
+    async def _late_sidecar(self, sidecar: Path, source: str) -> None:
+        """A checksum sidecar whose package had already been taken (late_sidecar.py)."""
+        reason = await self._blocking(judge_late_sidecar, sidecar, self.repo, self.quarantine)
+        if reason is None:
+            log.info("late_sidecar_matches", sidecar=sidecar.name)
+            await self._blocking(sidecar.unlink, True)
+            return
+        await self._blocking(self.quarantine.add, sidecar, reason, None)
+        self._emit("rejected", source, sidecar.name, reason=reason)
 
     async def _process_locked(self, package: Path, name: str, sha: str, intent: Intent) -> InstalledVersion | None:
         source = intent.source
         await self._blocking(check_package_checksums, package, sha, intent)
         installed = self.repo.find_by_package_sha256(sha)
         if installed is not None or self.quarantine.seen(sha):
-            await self._resume_if_interrupted(installed, intent, name, sha)
+            activated = await self._activate_again_if_wanted(installed, intent, name, sha)
             await self._blocking(_remove_package, package)
+            if activated:
+                return installed
             self._emit("duplicate", source, name, sha256=sha,
                        name=installed.name if installed else None,
                        version=installed.version if installed else None,
@@ -222,18 +246,26 @@ class Pipeline:
         await self._blocking(self.repo.prune, self.settings.keep_versions)
         return version
 
-    async def _resume_if_interrupted(
+    async def _activate_again_if_wanted(
         self, installed: InstalledVersion | None, intent: Intent, name: str, sha: str
-    ) -> None:
-        """A crash between install and flip leaves the package both installed and still waiting:
-        finish the job instead of calling it a duplicate (only if it was never activated)."""
-        if installed is None or (installed.path / ACTIVATED_MARKER).exists():
-            return
-        wanted = installed.record.get("activate", True) if intent.activate is None else intent.activate
-        current = self.repo.current()
-        if wanted and (current is None or current.key != installed.key):
-            model = await self._load_stored(installed)
-            await self._make_active(model, installed, intent.source, name, sha)
+    ) -> bool:
+        """A package dropped again that is already installed: make its version active again when the
+        sender's intent or, failing that, the package's own manifest asks for activation (as ``--model``
+        with the same file does). This also finishes an install that a crash interrupted before the flip.
+        Returns whether it activated."""
+        if installed is None:
+            return False
+        wanted = intent.activate
+        if wanted is None:
+            wanted = await self._blocking(_manifest_activates, installed)
+        active = self.engine.active
+        if not wanted or (active is not None and (active.info.name, active.info.version) == installed.key):
+            return False
+        self._emit("activating", intent.source, name, sha256=sha, name=installed.name, version=installed.version,
+                   reason="already installed: activated again")
+        model = await self._load_stored(installed)
+        await self._make_active(model, installed, intent.source, name, sha)
+        return True
 
     async def _load_stored(self, version: InstalledVersion) -> LoadedModel:
         """Load a stored version; its install record must name files inside its folder."""
@@ -244,12 +276,14 @@ class Pipeline:
         return await self.engine.load(version.path, key=version.key)
 
     async def _make_active(
-        self, model: LoadedModel, version: InstalledVersion, source: str, package: str, sha: str | None = None
+        self, model: LoadedModel, version: InstalledVersion, source: str, package: str, sha: str | None = None,
+        *, rollback: bool = False,
     ) -> None:
         # Flip first: a crash between the two leaves the version current (start-up serves it);
         # the other order would leave it marked but never active, and its package a "duplicate".
         await self._blocking(self.repo.flip, version)
         await self._blocking(_mark_activated, version.path)
+        await self._blocking(self.history.rolled_back_to if rollback else self.history.record, version.key)
         self.engine.swap(model)
         self.events.publish(self._active_event(model, source, package, sha))
 
@@ -258,28 +292,38 @@ class Pipeline:
     async def activate(self, name: str, version: str, source: str = "api") -> InstalledVersion:
         """Switch to a stored version (roll back or forward). Raises NotFound / ModelInvalid."""
         async with self._lock:
-            stored = self.repo.get(name, version)
-            if stored is None:
-                raise NotFound(f"model {name} version {version} is not in the repository")
-            active = self.engine.active
-            if active is not None and (active.info.name, active.info.version) == stored.key:
-                return stored
-            package = stored.record.get("package", "")
-            self._emit("activating", source, package, name=name, version=version)
-            try:
-                model = await self._load_stored(stored)
-            except ModelInvalid as exc:
-                self._emit("failed", source, package, name=name, version=version, reason=public_reason(str(exc)))
-                raise
-            await self._make_active(model, stored, source, package, stored.package_sha256)
+            return await self._activate_stored(name, version, source)
+
+    async def _activate_stored(self, name: str, version: str, source: str, rollback: bool = False) -> InstalledVersion:
+        stored = self.repo.get(name, version)
+        if stored is None:
+            raise NotFound(f"model {name} version {version} is not in the repository")
+        active = self.engine.active
+        if active is not None and (active.info.name, active.info.version) == stored.key:
             return stored
+        package = stored.record.get("package", "")
+        self._emit("activating", source, package, name=name, version=version)
+        try:
+            model = await self._load_stored(stored)
+        except ModelInvalid as exc:
+            self._emit("failed", source, package, name=name, version=version, reason=public_reason(str(exc)))
+            raise
+        await self._make_active(model, stored, source, package, stored.package_sha256, rollback=rollback)
+        return stored
 
     async def rollback(self, source: str = "api", reason: str | None = None) -> InstalledVersion:
-        previous = self.repo.previous()
-        if previous is None:
-            raise Conflict("there is no previous version to roll back to")
-        left = self.engine.active
-        version = await self.activate(previous.name, previous.version, source)
+        """Back to the version active before the active one (see history.py); each call goes one
+        further back. Raises Conflict when there is nothing older."""
+        async with self._lock:
+            left = self.engine.active
+            current = (left.info.name, left.info.version) if left else None
+            target = await self._blocking(self.history.rollback_target, current,
+                                          lambda key: self.repo.get(*key) is not None)
+            if target is None:
+                where = f"{current[0]} {current[1]} is the oldest version still installed that was active here" \
+                    if current else "no version was active before"
+                raise Conflict(f"nothing older to roll back to: {where}")
+            version = await self._activate_stored(*target, source, rollback=True)
         came_from = f"from {left.info.name} {left.info.version}" if left else None
         self._emit("rolled_back", source, version.record.get("package", ""), name=version.name,
                    version=version.version, reason="; ".join(filter(None, [came_from, reason])) or None)
@@ -309,6 +353,15 @@ def _model_record(model: LoadedModel) -> dict[str, Any]:
     info = model.info
     return {"handler": info.handler, "model_file": info.model_file, "labels_file": info.labels_file,
             "model_sha256": info.model_sha256}
+
+
+def _manifest_activates(version: InstalledVersion) -> bool:
+    """What the installed package's own model.json says about activation (its install record keeps
+    what was decided then, which a twin intent may have overridden)."""
+    try:
+        return read_manifest(version.path, *version.key).activate
+    except PackageError:
+        return bool(version.record.get("activate", True))
 
 
 def _mark_activated(path: Path) -> None:

@@ -15,13 +15,13 @@ from typing import Any
 
 import structlog
 
+from supervisor.formats import REASON_FILE
 from supervisor.package import safe_name
 
 __all__ = ["Quarantine"]
 
 log = structlog.get_logger(__name__)
 
-REASON_FILE = "reason.json"
 
 
 class Quarantine:

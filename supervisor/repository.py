@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from supervisor.formats import INSTALL_RECORD, TMP_PREFIX
 from supervisor.fsutil import fsync_dir, write_durably
 from supervisor.pathrules import is_safe_component, member_path
 
@@ -33,8 +34,6 @@ __all__ = ["INSTALL_RECORD", "InstalledVersion", "Repository"]
 
 log = structlog.get_logger(__name__)
 
-INSTALL_RECORD = ".edgeloader.json"
-TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)

@@ -1,77 +1,142 @@
-"""Settings: defaults from config/settings.toml, overridden by EDGELOADER_* environment variables,
-overridden by command-line flags. Each level is resolved in one place (``load_settings``)."""
+"""Settings: defaults < config/settings.toml (or ``--config FILE``) < ``EDGELOADER_*`` environment
+variables < command-line flags, each layer read by pydantic-settings and resolved in one place
+(``load_settings``). Every field says what it means; a bad value fails with one line naming the
+setting where the user set it (the flag, the variable, the file) and the form it must have."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-__all__ = ["API_TOKEN_SCOPES", "ENV_PREFIX", "Settings", "load_settings"]
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from supervisor.typed_input import describe_errors, nearest
+
+__all__ = [
+    "API_TOKEN_SCOPES",
+    "ENV_PREFIX",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+    "unknown_environment",
+]
 
 ENV_PREFIX = "EDGELOADER_"
 # Who needs the API token when one is set (supervisor/auth.py): model switching only, or every route.
 API_TOKEN_SCOPES = ("admin", "all")
-_TYPE_WORDS = {"int": "a whole number", "float": "a number"}
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Installed wheels carry a copy of the defaults; a checkout reads config/ beside the package.
 _DEFAULTS_CANDIDATES = (_PACKAGE_DIR.parent / "config" / "settings.toml", _PACKAGE_DIR / "settings.toml")
 BUNDLED_MODEL_DIR = _PACKAGE_DIR / "bundled" / "blazeface-short-range"
-# Durations the drop-folder watcher sleeps or waits for: 0 or less would make it spin.
-_POSITIVE_SECONDS = ("settle_seconds", "incomplete_timeout_seconds", "rescan_seconds", "body_timeout_seconds",
-                     "decode_wait_seconds")
+# EDGELOADER_* variables read elsewhere, not settings: not "unknown".
+_ENV_NOT_SETTINGS = frozenset({"CA_CERT"})
+# Settings whose value never appears in a message.
+_SECRETS = frozenset({"connection_string", "api_token"})
+# Flags of `edgeloader serve`, by setting.
+FLAGS = {"host": "--host", "port": "--port", "data_dir": "--data-dir", "twin": "--twin"}
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Every setting of the service; see config/settings.toml for what each one means."""
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # 0 or less would make a loop spin
+Count = Annotated[int, Field(ge=1)]
+
+
+class SettingsError(ValueError):
+    """A setting the service cannot run with; the message is one line naming it and what to set."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the service (documented with its default in config/settings.toml)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, use_attribute_docstrings=True,
+        env_ignore_empty=True, validate_default=True,
+    )
 
     host: str = "0.0.0.0"
-    port: int = 8080
+    """Address to listen on."""
+    port: int = Field(8080, ge=0, le=65535)
+    """TCP port to listen on (0: any free port)."""
     data_dir: Path = Path("./var")
-    max_body_bytes: int = 20_000_000
-    max_image_pixels: int = 50_000_000
-    decode_memory_bytes: int = 256 * 1024 * 1024
-    decode_wait_seconds: float = 10.0
-    max_multipart_parts: int = 8
-    body_timeout_seconds: float = 30.0
-    workers: int = 0
-    runtime_threads: int = 0
-    score_threshold: float = 0.5
-    keep_versions: int = 3
-    max_package_files: int = 64
-    max_package_bytes: int = 1_000_000_000
-    max_compression_ratio: float = 200.0
-    settle_seconds: float = 1.0
-    incomplete_timeout_seconds: float = 120.0
-    rescan_seconds: float = 15.0
-    rollback_after_failures: int = 3
-    log_format: str = "auto"
-    log_level: str = "info"
-    twin: str = "auto"
-    twin_progress_seconds: float = 5.0
-    twin_timeout_seconds: float = 30.0
-    download_retries: int = 5
-    download_read_timeout_seconds: float = 30.0
-    connection_string: str | None = dataclasses.field(default=None, repr=False)  # a secret: never logged
-    api_token: str | None = dataclasses.field(default=None, repr=False)
-    api_token_scope: str = "admin"
+    """Local storage: models/, current, inbox/, staging/, quarantine/. On IoT Edge, bind host storage here."""
+    max_body_bytes: Count = 20_000_000
+    """Largest request body accepted by /detect and /score, in bytes."""
+    max_image_pixels: Count = 50_000_000
+    """Images above this many pixels are refused (decompression bombs)."""
+    decode_memory_bytes: Count = 256 * 1024 * 1024
+    """Memory, in bytes, the image decodes in flight may use together; one that alone needs more is
+    refused (413), others wait for room (handlers/decodecost.py estimates each from its header)."""
+    decode_wait_seconds: Seconds = 10.0
+    """Seconds a request waits for decode memory before it is answered 503 (busy)."""
+    max_multipart_parts: Count = 8
+    """Parts a multipart body may have (the image is one; a form may add a few)."""
+    body_timeout_seconds: Seconds = 30.0
+    """Seconds a client has to send its whole request body (a trickling upload is answered 408)."""
+    workers: int = Field(0, ge=0)
+    """Worker threads running inference (0 = one per CPU core, at most 4)."""
+    runtime_threads: int = Field(0, ge=0)
+    """Threads each runtime call may use inside the model (0 = let the runtime decide)."""
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    """Default score threshold when a request and the manifest give none."""
+    keep_versions: Count = 3
+    """Versions kept per model name (the active and the previous one are never deleted)."""
+    max_package_files: Count = 64
+    """Most files a model package may hold (zip-bomb and sneakernet-mistake guard)."""
+    max_package_bytes: Count = 1_000_000_000
+    """Most bytes a model package may unpack to."""
+    max_compression_ratio: float = Field(200.0, gt=1.0, allow_inf_nan=False)
+    """Highest compression ratio accepted in a zip (zip bombs have thousands)."""
+    settle_seconds: Seconds = 1.0
+    """Seconds a dropped file must stay unchanged before it counts as completely copied."""
+    incomplete_timeout_seconds: Seconds = 120.0
+    """Seconds a zip that stopped growing without its end is waited for before it is quarantined."""
+    rescan_seconds: Seconds = 15.0
+    """Seconds between rescans of inbox/ and staging/ when no file notification arrived."""
+    rollback_after_failures: Count = 3
+    """Consecutive failed inferences right after an activation that trigger an automatic rollback."""
+    log_format: Annotated[Literal["auto", "json", "console"], BeforeValidator(_lower)] = "auto"
+    """"auto" (console on a TTY, JSON otherwise), "json" or "console"."""
+    log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = "info"
+    """Lowest level logged."""
+    twin: Annotated[Literal["auto", "off"], BeforeValidator(_lower)] = "auto"
+    """IoT Hub: "auto" connects when IoT Edge or a connection string says how, "off" never does."""
+    twin_progress_seconds: Seconds = 5.0
+    """Seconds between twin progress reports while downloading (IoT Hub throttles chatty devices)."""
+    twin_timeout_seconds: Seconds = 30.0
+    """Seconds to wait for an IoT Hub answer before treating the link as down."""
+    download_retries: Count = 5
+    """Attempts for one download before it is reported failed (each resumes where the last stopped)."""
+    download_read_timeout_seconds: Seconds = 30.0
+    """Seconds without a byte from the blob server before an attempt is cut and resumed."""
+    connection_string: str | None = Field(None, repr=False)
+    """IoT Hub module connection string, for development against a hub without IoT Edge. A secret."""
+    api_token: str | None = Field(None, repr=False)
+    """Bearer token the HTTP API requires (see api_token_scope). A secret: set it in the environment."""
+    api_token_scope: Annotated[Literal["admin", "all"], BeforeValidator(_lower)] = "admin"
+    """Routes that need the token: "admin" (model switching) or "all" (all but the health probes)."""
     bundled_model: Path = BUNDLED_MODEL_DIR
+    """The model served when the repository holds none."""
 
-    def __post_init__(self) -> None:
-        for name in _POSITIVE_SECONDS:
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} ({ENV_PREFIX}{name.upper()}) must be a number of seconds above 0, "
-                                 f"not {value!r}")
-        if self.api_token_scope not in API_TOKEN_SCOPES:
-            raise ValueError(f"api_token_scope ({ENV_PREFIX}API_TOKEN_SCOPE) must be one of "
-                             f"{', '.join(API_TOKEN_SCOPES)}, not {self.api_token_scope!r}")
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Settings(...) is exactly what it is given over the defaults; load_settings adds the file,
+        # the environment and the flags, in their order, itself.
+        return (init_settings,)
 
     @property
     def worker_count(self) -> int:
@@ -99,27 +164,75 @@ class Settings:
         return self.data_dir / "quarantine"
 
     def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``, validated like any other."""
+        return Settings(**{**self._values(), **changes})
+
+    def _values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in type(self).model_fields}
 
 
-def _coerce(value: Any, target: Any) -> Any:
-    if target in ("int", int):
-        return int(value)
-    if target in ("float", float):
-        return float(value)
-    if target in ("Path", Path):
-        return Path(value)
-    if target in ("Path | None", "str | None") and value in ("", None):
-        return None
-    return value
+# The expected form of settings whose pydantic message would read poorly.
+_FORMS = {
+    **{name: "a number of seconds above 0" for name in Settings.model_fields if name.endswith("_seconds")},
+    "port": "a port number from 0 to 65535",
+    "log_level": f"one of {', '.join(LOG_LEVELS)}",
+    "api_token_scope": f"one of {', '.join(API_TOKEN_SCOPES)}",
+}
 
 
-def _read_defaults(path: Path | None) -> dict[str, Any]:
-    for candidate in (path,) if path else _DEFAULTS_CANDIDATES:
-        if candidate and candidate.is_file():
-            with candidate.open("rb") as f:
-                return tomllib.load(f)
-    return {}
+class _EnvironmentSource(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping instead of ``os.environ`` (the
+    same override its dotenv source makes), so that callers and tests can pass the environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._given = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._given.items() if not (self.env_ignore_empty and v == "")}
+
+
+def _config_file(path: Path | None) -> Path | None:
+    """The settings file to read: the one given (which must exist), else the defaults if found."""
+    if path is not None:
+        if not path.is_file():
+            raise SettingsError(f"--config {path}: no such file")
+        return path
+    return next((c for c in _DEFAULTS_CANDIDATES if c.is_file()), None)
+
+
+def _read_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as f:
+            values = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read {path}: {exc.strerror}") from None
+    for key in values:
+        if key not in Settings.model_fields:
+            hint = nearest(key, Settings.model_fields)
+            raise SettingsError(f"unknown setting {key!r} in {path}" + (f"; did you mean {hint!r}?" if hint else ""))
+    return values
+
+
+def unknown_environment(env: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per ``EDGELOADER_*`` variable that is no setting (a typo is otherwise silently
+    ignored), naming the closest setting."""
+    env = os.environ if env is None else env
+    warnings = []
+    for key in sorted(env):
+        if not key.upper().startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name in Settings.model_fields or name.upper() in _ENV_NOT_SETTINGS:
+            continue
+        hint = nearest(name, Settings.model_fields)
+        suggestion = f"; did you mean {ENV_PREFIX}{hint.upper()}?" if hint else ""
+        warnings.append(f"{key} is not a setting and is ignored{suggestion}")
+    return warnings
 
 
 def load_settings(
@@ -127,29 +240,36 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     config_file: Path | None = None,
 ) -> Settings:
-    """Defaults < config file < environment < overrides (flags; None values are ignored)."""
+    """Defaults < config file < environment < overrides (flags; None values are ignored).
+    Raises SettingsError (a ValueError) with one line naming the bad setting where it was set."""
     env = os.environ if env is None else env
-    types = {f.name: f.type for f in fields(Settings)}
+    path = _config_file(config_file)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key in flags:
+        if key not in Settings.model_fields:
+            raise SettingsError(f"unknown setting {key!r}")
+    layers = {
+        "file": _read_file(path),
+        "env": _EnvironmentSource(Settings, env)(),
+        "flag": flags,
+    }
     values: dict[str, Any] = {}
-    for key, value in _read_defaults(config_file).items():
-        if key not in types:
-            raise ValueError(f"unknown setting {key!r} in {config_file or 'config/settings.toml'}")
-        values[key] = value
-    for key in types:
-        env_value = env.get(ENV_PREFIX + key.upper())
-        if env_value is not None:
-            values[key] = env_value
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            values[key] = value
-    coerced: dict[str, Any] = {}
-    for key, value in values.items():
-        try:
-            coerced[key] = _coerce(value, types[key])
-        except ValueError:
-            raise ValueError(f"bad setting: {key} ({ENV_PREFIX}{key.upper()}) must be "
-                             f"{_TYPE_WORDS.get(str(types[key]), str(types[key]))}, not {value!r}") from None
+    origin: dict[str, str] = {}
+    for layer, layer_values in layers.items():
+        for key, value in layer_values.items():
+            values[key], origin[key] = value, layer
+
+    def label(name: str) -> str:
+        where = origin.get(name)
+        if where == "flag" and name in FLAGS:
+            return f"{name} ({FLAGS[name]})"
+        if where == "file":
+            return f"{name} (in {path})"
+        return f"{name} ({ENV_PREFIX}{name.upper()})"
+
     try:
-        return Settings(**coerced)
-    except ValueError as exc:
-        raise ValueError(f"bad setting: {exc}") from exc
+        return Settings(**values)
+    except ValidationError as exc:
+        message = describe_errors(exc, known=list(Settings.model_fields), label=label, forms=_FORMS,
+                                  secrets=_SECRETS, what="setting", note_text=False)
+        raise SettingsError(f"bad setting: {message}") from None

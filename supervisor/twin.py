@@ -18,12 +18,15 @@ from typing import Any
 
 import structlog
 
+from supervisor.connection_string import check_module_connection_string
 from supervisor.download import Download
 from supervisor.events import ModelEvent
+from supervisor.reasons import clip
 from supervisor.redact import redact, redact_url
 from supervisor.reporter import OUTPUT_NAME, Reporter, active_patch, merge_patch, model_output, status_patch
 from supervisor.twin_client import RETRYABLE, HubClient, describe_mode
 from supervisor.twin_reconcile import Reconciler, Updates
+from supervisor.twin_status import TwinStatus
 from supervisor.twinpatch import DesiredModel
 
 __all__ = ["OUTPUT_NAME", "DesiredModel", "TwinService", "Updates"]
@@ -56,8 +59,10 @@ class TwinService:
         download_backoff: tuple[float, float] = (1.0, 30.0),
         download_read_timeout: float = 30.0,
         connection_retry_interval: int = 10,
+        status: TwinStatus | None = None,
     ) -> None:
         self.settings = settings
+        self.status = status or TwinStatus()
         self.updates = updates
         self._env = os.environ if env is None else env
         self.twin_timeout = twin_timeout
@@ -96,12 +101,26 @@ class TwinService:
                 "twin_disabled" if mode == "off" else "twin_standalone",
                 detail="no IoT Hub connection: updates come from the drop folder only",
             )
+            self.status.set("off" if mode == "off" else "standalone", mode=mode,
+                            reason="no IoT Edge environment and no EDGELOADER_CONNECTION_STRING"
+                            if mode == "standalone" else "EDGELOADER_TWIN=off")
             await asyncio.Future()  # nothing to do until cancelled
+        if mode == "connection-string":
+            try:
+                check_module_connection_string(self.settings.connection_string or "")
+            except ValueError as exc:
+                await self._stay_off(mode, f"EDGELOADER_CONNECTION_STRING {exc}")
         log.info("twin_mode", mode=mode)
-        hub = await asyncio.to_thread(
-            HubClient.create, mode, self.settings.connection_string, self._env,
-            connection_retry_interval=self._connection_retry_interval, op_timeout=self.twin_timeout,
-        )
+        self.status.set("connecting", mode=mode)
+        try:
+            hub = await asyncio.to_thread(
+                HubClient.create, mode, self.settings.connection_string, self._env,
+                connection_retry_interval=self._connection_retry_interval, op_timeout=self.twin_timeout,
+            )
+        except (ValueError, TypeError, OSError) as exc:
+            # A configuration the SDK refuses (or an unreadable EDGELOADER_CA_CERT): the same next
+            # time, so restarting would only loop. The SDK's own words, redacted, say which.
+            await self._stay_off(mode, redact(f"cannot create the IoT Hub client: {exc}")[:300])
         reporter = Reporter(hub, retry_interval=self._retry_interval)
         if self.reporter is not None:  # a restart (supervised): what the last run could not send
             reporter.take_over(self.reporter)
@@ -125,6 +144,13 @@ class TwinService:
             await hub.shutdown()
             log.info("twin_stopped")
 
+    async def _stay_off(self, mode: str, reason: str) -> None:
+        """A configuration error: say it once, show it in /models, and wait to be stopped (no restart loop)."""
+        log.error("twin_off", mode=mode, reason=reason,
+                  hint="models still arrive through the drop folder; fix the setting and restart the module")
+        self.status.set("off", mode=mode, reason=reason)
+        await asyncio.Future()
+
     def _reset(self) -> None:
         self._desired_version = None
         self._patch_hint = None
@@ -144,6 +170,7 @@ class TwinService:
                 await asyncio.sleep(delay)
                 delay = min(60.0, delay * 2)
         log.info("iothub_connected")
+        self.status.set("connected")
         self._apply_twin(twin, startup=True)
         await hub.on_desired_patch(self._on_desired_patch)
         active = self.updates.active()
@@ -153,6 +180,7 @@ class TwinService:
     # ------------------------------------------------------------------------- desired properties
     def _on_connection_change(self, connected: bool) -> None:
         log.info("iothub_connection", connected=connected)
+        self.status.set("connected" if connected else "disconnected")
         if connected:
             self._resync.set()
             assert self.reporter is not None
@@ -244,7 +272,7 @@ class TwinService:
             desired_version=(
                 desired_version if desired_version is not None else request.desired_version if request else None
             ),
-            reason=redact(reason) if reason else None,
+            reason=clip(redact(reason)) if reason else None,  # the full text is in the log
             bytes_done=bytes_done,
             bytes_total=bytes_total,
         )

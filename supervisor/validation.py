@@ -17,6 +17,7 @@ import structlog
 from handlers.ort_cache import is_runtime_cache
 from supervisor.archive import ArchiveLimits, unpack_package
 from supervisor.engine import LoadedModel, load_and_warm
+from supervisor.formats import INTENT_SUFFIX, SIDECAR_SUFFIXES
 from supervisor.package import Manifest, PackageError, file_sha256, read_manifest, verify_files
 from supervisor.pathrules import walk_files
 from supervisor.settings import Settings
@@ -35,7 +36,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-INTENT_SUFFIX = ".intent.json"
 # Sidecars are a line of text ("<hex>  <name>") or a small JSON object; anything bigger is refused
 # unread rather than kept in memory.
 MAX_SIDECAR_BYTES = 4096
@@ -119,7 +119,7 @@ def _sidecar_digest(package: Path, suffix: str) -> str | None:
 
 
 def sidecars(package: Path) -> list[Path]:
-    return [package.with_name(package.name + s) for s in (INTENT_SUFFIX, ".sha256", ".md5")]
+    return [package.with_name(package.name + s) for s in SIDECAR_SUFFIXES]
 
 
 def check_package_checksums(package: Path, sha: str, intent: Intent) -> None:

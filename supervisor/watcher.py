@@ -15,8 +15,10 @@ A zip that stays incomplete (a copy that stopped half-way) is handed over anyway
 ``incomplete_timeout``, and the pipeline quarantines it.
 
 A sidecar (``x.zip.sha256``, ``.md5``, ``.intent.json``) restarts its package's timer, so one that
-arrives just after the package is still read. Temp and editor names are never candidates, nor are
-dot-names (the repository builds versions in ``staging/.tmp-*``).
+arrives just after the package is still read. A checksum sidecar in ``inbox/`` without its package
+is handed over (as itself) after ``incomplete_timeout``, unless its package turns up: the pipeline
+says what became of it (``late_sidecar.py``) instead of leaving it there unexplained. Temp and editor
+names are never candidates, nor are dot-names (the repository builds versions in ``staging/.tmp-*``).
 
 Packages present at start are picked up too. Notifications come from the OS (inotify) through
 ``watchfiles`` (checked in the dev container, ext4: events arrive ~15 ms after a write;
@@ -43,15 +45,13 @@ import structlog
 import watchfiles
 
 from supervisor.archive import is_complete_zip
+from supervisor.formats import CHECKSUM_SUFFIXES, INTENT_SUFFIX, SIDECAR_SUFFIXES
 from supervisor.pathrules import MAX_DEPTH, MAX_ENTRIES
 
 __all__ = ["PackageWatcher", "is_candidate_name", "sidecar_owner"]
 
 log = structlog.get_logger(__name__)
 
-# supervisor.validation.INTENT_SUFFIX (not imported: it would pull the runtimes into this module).
-_INTENT_SUFFIX = ".intent.json"
-SIDECAR_SUFFIXES = (_INTENT_SUFFIX, ".sha256", ".md5")
 # Names copy tools, browsers and editors give to files still being written.
 _TEMP_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".opdownload", ".tmp", ".temp", ".swp", "~")
 _TEMP_PREFIXES = ("~$", ".~lock", ".tmp-")
@@ -164,7 +164,7 @@ def _is_committed(path: Path, snap: _Snapshot) -> bool:
     """Whether ``path``, as ``snap`` saw it, is a download ``partfile.commit`` renamed into place:
     its intent (renamed in first) records the size the file has. Blocking (a stat and a small read)."""
     try:
-        raw = json.loads(path.with_name(path.name + _INTENT_SUFFIX).read_text("utf-8"))
+        raw = json.loads(path.with_name(path.name + INTENT_SUFFIX).read_text("utf-8"))
         st = path.lstat()
     except (OSError, ValueError):
         return False
@@ -177,11 +177,24 @@ def _is_committed(path: Path, snap: _Snapshot) -> bool:
     )
 
 
-def _list_candidates(folder: Path) -> list[str]:
+def _list_candidates(folder: Path, orphans: bool = False) -> list[str]:
+    """The candidate names in ``folder``; with ``orphans``, also checksum sidecars without their package."""
     try:
-        return sorted(name for name in os.listdir(folder) if is_candidate_name(name))
+        names = set(os.listdir(folder))
     except FileNotFoundError:
         return []
+    found = {name for name in names if is_candidate_name(name)}
+    if orphans:
+        found |= {name for name in names if _is_orphan_checksum(folder, name, names)}
+    return sorted(found)
+
+
+def _is_orphan_checksum(folder: Path, name: str, names: set[str] | None = None) -> bool:
+    """A ``x.zip.sha256``/``.md5`` with no ``x.zip`` beside it (late_sidecar.py says what it means)."""
+    owner = sidecar_owner(name)
+    if owner is None or not name.lower().endswith(CHECKSUM_SUFFIXES) or not is_candidate_name(owner):
+        return False
+    return owner not in names if names is not None else not os.path.lexists(folder / owner)
 
 
 class PackageWatcher:
@@ -255,7 +268,7 @@ class PackageWatcher:
 
     async def _rescan(self) -> None:
         for root, source in self.roots.items():
-            for name in await asyncio.to_thread(_list_candidates, root):
+            for name in await asyncio.to_thread(_list_candidates, root, source == "inbox"):
                 path = root / name
                 if path not in self._timers:
                     self._schedule(path, source)
@@ -271,6 +284,9 @@ class PackageWatcher:
                 return  # the folder itself
             top = rel.parts[0]
             if len(rel.parts) == 1 and (owner := sidecar_owner(top)) is not None:
+                if source == "inbox" and _is_orphan_checksum(root, top):
+                    self._schedule(root / top, source)  # its package is gone (or never came)
+                    return
                 top = owner
             if is_candidate_name(top):
                 self._schedule(root / top, source)
@@ -309,6 +325,9 @@ class PackageWatcher:
         if source == "staging" and await asyncio.to_thread(_is_committed, path, before):
             self._ready.put_nowait((path, source, before))
             return
+        if not is_candidate_name(path.name):  # only an orphan checksum sidecar is scheduled so
+            await self._hold_orphan(path, source)
+            return
         incomplete_since: float | None = None
         while True:
             await asyncio.sleep(self.settle_seconds)
@@ -328,6 +347,21 @@ class PackageWatcher:
                             waited_s=round(time.monotonic() - incomplete_since, 1))
             self._ready.put_nowait((path, source, now))
             return
+
+    async def _hold_orphan(self, path: Path, source: str) -> None:
+        """A checksum sidecar without its package: its package may still be on its way (under a temp
+        name), so it is reported only after ``incomplete_timeout`` (late_sidecar.py says what). A
+        package that appears meanwhile takes it along (its own timer runs)."""
+        waited = 0.0
+        while waited < self.incomplete_timeout:
+            await asyncio.sleep(self.settle_seconds)
+            waited += self.settle_seconds
+            if not await asyncio.to_thread(_is_orphan_checksum, path.parent, path.name):
+                return  # gone, or its package arrived
+        now = await asyncio.to_thread(_snapshot, path)
+        if now is not None:
+            log.info("sidecar_without_package", sidecar=path.name, source=source, waited_s=round(waited, 1))
+            self._ready.put_nowait((path, source, now))
 
     # -- handing over ------------------------------------------------------------------------------
 

@@ -232,7 +232,7 @@ def test_unwritable_data_dir_is_a_clear_one_line_error(tmp_path: Path) -> None:
         [sys.executable, "-m", "supervisor", "serve", "--data-dir", str(data), "--port", "0", "--twin", "off"],
         capture_output=True, text=True, timeout=60,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "cannot write the data dir" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -63,7 +63,8 @@ def test_the_token_stays_out_of_settings_repr_and_a_bad_scope_is_refused(tmp_pat
 
 
 def test_a_setting_that_is_not_a_number_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"rescan_seconds \(EDGELOADER_RESCAN_SECONDS\) must be a number, not 'abc'"):
+    with pytest.raises(ValueError, match=r"rescan_seconds \(EDGELOADER_RESCAN_SECONDS\) must be a number of "
+                                         r"seconds above 0, not 'abc'"):
         load_settings({"data_dir": tmp_path}, env={"EDGELOADER_RESCAN_SECONDS": "abc"})
-    with pytest.raises(ValueError, match=r"port \(EDGELOADER_PORT\) must be a whole number, not '80a'"):
+    with pytest.raises(ValueError, match=r"port \(EDGELOADER_PORT\) must be a port number from 0 to 65535, not '80a'"):
         load_settings({"data_dir": tmp_path}, env={"EDGELOADER_PORT": "80a"})

@@ -66,8 +66,8 @@ def test_pack_keeps_the_folders_own_manifest(tmp_path: Path) -> None:
 def test_pack_refuses_what_the_device_would(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert pack_main([str(model_dir), "-o", str(tmp_path / "x.zip")]) == 1
-    assert "no version" in capsys.readouterr().err
+    assert pack_main([str(model_dir), "-o", str(tmp_path / "x.zip"), "--handler", "yolo5"]) == 1
+    assert "unknown handler 'yolo5'; did you mean 'yolo'?" in capsys.readouterr().err
     (model_dir / "labels.txt").unlink()
     assert pack_main([str(model_dir), "-o", str(tmp_path / "x.zip"), "--version", "1"]) == 1
     assert "no labels" in capsys.readouterr().err
@@ -121,3 +121,63 @@ def test_verify_says_what_the_pipeline_says(
 def test_verify_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert verify_main([str(tmp_path / "nothing.zip")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_the_readme_pack_command_works_as_written(model_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`edgeloader pack DIR -o model.zip`: no --version needed; the version comes from the contents."""
+    assert main(["pack", str(model_dir), "-o", str(tmp_path / "model.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "model.zip") as zf:
+        version = json.loads(zf.read("model.json"))["version"]
+    assert len(version) == 12 and int(version, 16) >= 0
+    assert "made from the files' contents" in capsys.readouterr().out
+    assert main(["pack", str(model_dir), "-o", str(tmp_path / "again.zip")]) == 0
+    assert (tmp_path / "again.zip").read_bytes() == (tmp_path / "model.zip").read_bytes()
+    (model_dir / "labels.txt").write_text("background\nsomething else\n")
+    assert main(["pack", str(model_dir), "-o", str(tmp_path / "changed.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "changed.zip") as zf:
+        assert json.loads(zf.read("model.json"))["version"] != version
+
+
+_WITHOUT_RUNTIMES = """
+import importlib.abc, sys
+sys.path.insert(0, sys.argv.pop(1))
+BLOCKED = ("onnxruntime", "ai_edge_litert", "tflite_runtime", "aiohttp")
+
+class Unimportable(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Unimportable())
+from supervisor.__main__ import main
+code = main(sys.argv[1:])
+touched = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print("imported:", touched, file=sys.stderr)
+sys.exit(code if not touched else 3)
+"""
+
+
+@pytest.mark.parametrize("model", ["onnx", "tflite"])
+def test_pack_and_twin_patch_run_without_the_runtimes_or_aiohttp(model: str, model_dir: Path, tmp_path: Path) -> None:
+    """A build machine or CI job that packs and publishes needs neither onnxruntime, LiteRT nor aiohttp."""
+    import subprocess
+    import sys
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    folder = model_dir if model == "onnx" else BUNDLED
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", _WITHOUT_RUNTIMES, repo, *argv], capture_output=True, text=True,
+                              timeout=60)
+
+    out = tmp_path / "model.zip"
+    packed = run("pack", str(folder), "-o", str(out))
+    assert packed.returncode == 0, packed.stderr
+    assert "is not installed" in packed.stderr and "the other checks passed" in packed.stderr
+    patch = run("twin-patch", str(out), "--url", "https://acct.blob.core.windows.net/m/model.zip?sv=1&sig=S")
+    assert patch.returncode == 0, patch.stderr
+    assert json.loads(patch.stdout)["ContentSHA256"] == file_sha256(out)
+    # Where the runtime is installed, the package is valid.
+    assert verify_main([str(out)]) == 0

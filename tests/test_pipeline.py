@@ -100,19 +100,34 @@ async def test_an_intent_beside_the_package_overrides_the_manifest(
     assert not list(repo.staging_dir.iterdir()), "package and sidecar are both consumed"
 
 
-async def test_the_same_package_twice_is_a_duplicate(
+async def test_the_same_package_dropped_again_is_active_again(
     pipeline: Pipeline, engine: Engine, repo: Repository, events: EventBus
 ) -> None:
+    """Dropping an installed package again does what dropping it did the first time (and what --model
+    with the same file does): its manifest says activate, so its version becomes active again."""
     files = ssd_files("tiny-ssd", "4")
     await pipeline.process(write_zip(repo.inbox_dir / "a.zip", files), source="inbox")
-    await pipeline.activate("blazeface-short-range", "1")  # the operator rolled back by hand
+    await pipeline.activate("blazeface-short-range", "1")  # the operator went back by hand
     again = write_zip(repo.inbox_dir / "a-copy.zip", files)
     version = await pipeline.process(again, source="inbox")
     assert version is not None and version.key == ("tiny-ssd", "4")
-    dup = last(events, "duplicate")
-    assert dup is not None and dup.package == "a-copy.zip" and dup.reason == "already installed"
-    assert active_key(engine) == ("blazeface-short-range", "1"), "a duplicate does not undo a rollback"
+    assert active_key(engine) == ("tiny-ssd", "4")
+    assert states(events, "a-copy.zip") == ["received", "activating", "active"]
     assert not again.exists()
+    # Already active: a third copy is only a duplicate.
+    await pipeline.process(write_zip(repo.inbox_dir / "a-3.zip", files), source="inbox")
+    dup = last(events, "duplicate")
+    assert dup is not None and dup.package == "a-3.zip" and dup.reason == "already installed"
+
+
+async def test_a_package_that_asks_not_to_activate_stays_a_duplicate(
+    pipeline: Pipeline, engine: Engine, repo: Repository, events: EventBus
+) -> None:
+    files = ssd_files("tiny-ssd", "5", activate=False)
+    await pipeline.process(write_zip(repo.inbox_dir / "a.zip", files), source="inbox")
+    await pipeline.process(write_zip(repo.inbox_dir / "b.zip", files), source="inbox")
+    assert active_key(engine) == ("blazeface-short-range", "1")
+    assert states(events, "b.zip") == ["received", "duplicate"]
 
 
 async def test_a_rejected_package_dropped_again_is_recognised(
@@ -176,7 +191,7 @@ async def test_an_interrupted_update_is_finished_when_its_package_comes_back(
     package.write_bytes(copy)
     await pipeline.process(package, source="inbox")
     assert active_key(engine) == ("tiny-ssd", "8")
-    assert states(events, "p.zip")[-2:] == ["active", "duplicate"]
+    assert states(events, "p.zip")[-2:] == ["activating", "active"]
 
 
 async def test_rollback_and_roll_forward_through_the_api(aiohttp_client, settings: Settings) -> None:
@@ -209,6 +224,33 @@ async def test_rollback_and_roll_forward_through_the_api(aiohttp_client, setting
     resp = await client.post("/models/tiny-ssd/9/activate")
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
     assert client.app[EVENTS].history[-1].state == "active"
+
+
+async def test_each_rollback_goes_one_version_further_back(aiohttp_client, settings: Settings) -> None:
+    """Not a toggle between the last two: v3 -> v2 -> v1 -> the bundled model -> 409, across a restart."""
+    client: TestClient = await aiohttp_client(build_app(settings, services=False))
+    for v in ("1", "2", "3"):
+        await client.app[PIPELINE].process(write_zip(settings.inbox_dir / f"{v}.zip", ssd_files("tiny-ssd", v)),
+                                           source="inbox")
+
+    async def rollback(c: TestClient) -> tuple[int, dict]:
+        resp = await c.post("/models/rollback")
+        return resp.status, await resp.json()
+
+    assert await rollback(client) == (200, {"active": {"name": "tiny-ssd", "version": "2"}})
+    assert await rollback(client) == (200, {"active": {"name": "tiny-ssd", "version": "1"}})
+    await client.close()
+    # A restart keeps the order: the next rollback goes on from tiny-ssd 1.
+    again: TestClient = await aiohttp_client(build_app(settings, services=False))
+    assert (await (await again.get("/models")).json())["active"]["version"] == "1"
+    assert await rollback(again) == (200, {"active": {"name": "blazeface-short-range", "version": "1"}})
+    status, body = await rollback(again)
+    assert status == 409 and body["error"]["code"] == "conflict"
+    assert body["error"]["message"] == ("nothing older to roll back to: blazeface-short-range 1 is the oldest "
+                                        "version still installed that was active here")
+    # Going forward by hand, then back: the rollback returns to what was serving before.
+    assert (await again.post("/models/tiny-ssd/3/activate")).status == 200
+    assert await rollback(again) == (200, {"active": {"name": "blazeface-short-range", "version": "1"}})
 
 
 async def test_automatic_rollback_when_real_requests_fail(

@@ -541,7 +541,12 @@ def test_desired_model_parsing() -> None:
     model = DesiredModel.parse(base)
     assert model is not None
     assert (model.sha256, model.length, model.activate, model.desired_version) == (sha, 12, False, 7)
-    assert DesiredModel.parse({"$version": 3, "Other": 1}) is None
+    assert DesiredModel.parse({"$version": 3}) is None
+    # An unknown property is refused by name (a typo would otherwise read as "no model asked for").
+    with pytest.raises(ValueError, match=r"unknown desired property 'DownloadURL'; did you mean 'DownloadUrl'\?"):
+        DesiredModel.parse({"$version": 3, "FileName": "m.zip", "DownloadURL": "https://a/b?sig=x"})
+    with pytest.raises(ValueError, match="unknown desired property 'Other'"):
+        DesiredModel.parse({"$version": 3, "Other": 1})
     assert model.same_target(DesiredModel.parse(dict(base, **{"$version": 8})))  # type: ignore[arg-type]
     # A new URL (a fresh SAS) restarts the job, which resumes from the kept .part.
     assert not model.same_target(DesiredModel.parse(dict(base, DownloadUrl="https://b/c?sig=y")))  # type: ignore[arg-type]
@@ -620,6 +625,17 @@ async def test_real_pipeline_rejects_invalid_package(real_rig: Rig, blob_proxy: 
     await asyncio.sleep(1.0)
     assert blob_proxy.connections == connections == 1  # reported once, not retried
     assert real_rig.sim.reported_copy()["ModelUpdate"]["ActiveModel"]["Name"] != "badsum"
+
+
+async def test_real_pipeline_reports_a_short_reason_without_device_paths(real_rig: Rig, settings: Settings) -> None:
+    """The runtime's error, path and boilerplate gone: what the sender can act on, in ~200 characters."""
+    from packages import BAD_PACKAGES
+
+    _, make, _, _ = BAD_PACKAGES["garbage-model"]
+    version = real_rig.sim.set_desired(real_rig.desired_for("garbage-1.zip", make()))
+    status = await real_rig.sim.wait_status("failed", version, within=20)
+    assert status["Reason"] == "onnxruntime cannot load model.onnx: Protobuf parsing failed."
+    assert str(settings.data_dir) not in json.dumps(real_rig.sim.reported_copy())
 
 
 async def test_real_pipeline_offline_catch_up(real_rig: Rig) -> None:

@@ -1,0 +1,29 @@
+"""What the twin service is doing, for ``/models``: connected, trying, or off and why."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["TwinState", "TwinStatus"]
+
+TwinState = Literal["starting", "connecting", "connected", "disconnected", "standalone", "off"]
+
+
+@dataclass
+class TwinStatus:
+    """Updated by the twin service on the event loop; read by the API."""
+
+    state: TwinState = "starting"
+    mode: str | None = None  # "edge", "connection-string" once known
+    reason: str | None = None  # why it is off (a configuration error, EDGELOADER_TWIN=off)
+    since: float = field(default_factory=time.time)
+
+    def set(self, state: TwinState, *, mode: str | None = None, reason: str | None = None) -> None:
+        self.state, self.reason, self.since = state, reason, time.time()
+        if mode is not None:
+            self.mode = mode
+
+    def public(self) -> dict[str, Any]:
+        return {"state": self.state, "mode": self.mode, "reason": self.reason, "since": self.since}
