@@ -67,12 +67,40 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, i
         elif wire == 2:
             length, pos = _varint(buf, pos, end)
             after = pos + length
+        elif wire == 3:  # a (deprecated) group: valid protobuf in an unknown field, so skip it whole
+            after = _skip_group(buf, pos, end, number)
         else:
             raise ModelFormatError(f"unsupported protobuf wire type {wire}")
         if after > end:
             raise ModelFormatError("truncated protobuf field")
         yield number, wire, pos, after
         pos = after
+
+
+def _skip_group(buf: memoryview, pos: int, end: int, number: int) -> int:
+    """The position after the end-group tag matching a start-group of field ``number``."""
+    open_groups = [number]
+    while open_groups:
+        tag, pos = _varint(buf, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            pos += length
+        elif wire == 3:
+            open_groups.append(field)
+        elif wire == 4 and open_groups[-1] == field:
+            open_groups.pop()
+        else:
+            raise ModelFormatError("malformed protobuf group")
+        if pos > end:
+            raise ModelFormatError("truncated protobuf group")
+    return pos
 
 
 def _locations(buf: memoryview) -> list[str]:

@@ -100,9 +100,11 @@ def load_model(
     try:
         manifest = manifest or read_manifest(folder, *(key or (None, None)))
         labels = read_labels(folder, manifest)
-        if manifest.model_file.lower().endswith(".onnx"):
-            _check_external_data(folder, manifest.model_file)
+        checked = not manifest.model_file.lower().endswith(".onnx") or _check_external_data(folder, manifest.model_file)
         runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers)
+        if not checked:
+            runtime.close()
+            raise PackageError(f"{manifest.model_file} is not an ONNX model this service can check")
         handler = choose_handler(runtime.signature, manifest.handler, manifest.handler_options)
     except OptionsRejected as exc:
         raise ModelInvalid("model.json: " + options_error(exc.error, exc.model, exc.handler)) from exc
@@ -129,16 +131,19 @@ def load_model(
     return LoadedModel(info=info, runtime=runtime, handler=handler)
 
 
-def _check_external_data(folder: Path, model_file: str) -> None:
+def _check_external_data(folder: Path, model_file: str) -> bool:
     """Every external-data file the ONNX model names lies inside the package (the path rule), checked
-    before onnxruntime opens anything: older runtimes follow '../' and absolute locations."""
+    before onnxruntime opens anything: older runtimes follow '../' and absolute locations. False when
+    the file is not protobuf we can read: the runtime then says what is wrong with it (and if it
+    loads it all the same, the model is refused: it could hide a location from this check)."""
     try:
         locations = external_data_locations(folder / model_file)
-    except ModelFormatError as exc:
-        raise PackageError(f"{model_file} is not a valid ONNX model ({exc})") from exc
+    except ModelFormatError:
+        return False
     base = (folder / model_file).parent
     for location in set(locations):
         member_path(base, location, "an external-data location in the model")
+    return True
 
 
 def load_and_warm(

@@ -32,7 +32,7 @@ PACKAGES = {
                       "warm-up inference failed: Got invalid dimensions for input: image_tensor:0 for the "
                       "following indices index: 2 Got: 65 Expected: 64"),
     "labels.zip": (_with_manifest(ssd_files("labels", "1", hashes=False), labels="names/missing.txt"),
-                   "model.json names labels 'names/missing.txt', which is not in the package"),
+                   "model.json 'labels' names names/missing.txt, which is not in the package"),
 }
 
 
