@@ -57,7 +57,7 @@ def free_port() -> int:
 
 def pack(work: Path, version: str) -> Path:
     """A full-range BlazeFace package, version ``version``, built with `edgeloader pack`."""
-    from supervisor.packcli import pack_main
+    from supervisor.cli.pack import pack_main
 
     src = work / f"src-{version}"
     src.mkdir()

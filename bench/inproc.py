@@ -2,7 +2,7 @@
 
 Run by bench/run.py as a long-lived subprocess (its own process, like the server, so neither
 measures the other's garbage): ``python bench/inproc.py PACKAGE IMAGE``. It loads the package
-into a ``supervisor.engine.Engine`` built from the same settings as ``edgeloader serve`` (workers,
+into a ``supervisor.serving.engine.Engine`` built from the same settings as ``edgeloader serve`` (workers,
 runtime threads, thresholds), then answers one JSON command per stdin line with one JSON line:
 
 - ``{"cmd": "engine", "c": 2, "seconds": 4}``: ``c`` asyncio tasks calling ``engine.detect(jpeg)``
@@ -37,8 +37,9 @@ from common import memory_growth, percentiles, read_status_kb, reset_peak_rss
 
 from handlers.imaging import decode_image
 from handlers.runtimes import open_runtime
-from supervisor.engine import Engine, LoadedModel
 from supervisor.memory import pin_mmap_threshold
+from supervisor.serving.engine import Engine
+from supervisor.serving.loader import LoadedModel
 from supervisor.settings import load_settings
 
 _LIBC = ctypes.CDLL("libc.so.6")

@@ -5,7 +5,7 @@ tried here by patching the service at start-up (``python bench/whatif.py serve .
 ``WHATIF=loader,pool``), side by side with the unpatched service, in one run:
 
 - ``loader``: Engine.load runs in its own single thread at nice +10 instead of in the inference
-  pool (supervisor/engine.py), so a load never takes a worker and yields the CPU to requests.
+  pool (supervisor/serving/engine.py), so a load never takes a worker and yields the CPU to requests.
 - ``pool``: TfliteRuntime keeps ``workers`` interpreters in a queue instead of one per thread,
   created at load (handlers/runtimes.py), so no request pays for creating one after a swap.
 - memory: ``MALLOC_MMAP_THRESHOLD_=4194304`` (glibc; Dockerfile ENV) and a tiny-YOLOv3 package
@@ -41,7 +41,7 @@ OUT = Path(__file__).resolve().parent / ".cache" / "whatif.json"
 
 def _patch(which: set[str]) -> None:
     import handlers.runtimes as rt
-    import supervisor.engine as eng
+    import supervisor.serving.engine as eng
 
     if "pool" in which:
         workers = int(os.environ.get("EDGELOADER_WORKERS") or 0) or min(4, os.cpu_count() or 1)

@@ -93,15 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     if command == "serve":
         return _serve(rest)
     if command == "pack":
-        from supervisor.packcli import pack_main
+        from supervisor.cli.pack import pack_main
 
         return pack_main(rest)
     if command == "verify":
-        from supervisor.packcli import verify_main
+        from supervisor.cli.pack import verify_main
 
         return verify_main(rest)
     if command == "twin-patch":
-        from supervisor.twinpatch import main as twin_patch_main
+        from supervisor.cli.twinpatch import main as twin_patch_main
 
         return twin_patch_main(rest)
     print(f"edgeloader: unknown command {command!r}; try 'edgeloader --help'", file=sys.stderr)

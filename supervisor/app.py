@@ -17,17 +17,17 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from supervisor.api import error_middleware, request_log_middleware, routes
-from supervisor.auth import token_middleware
-from supervisor.engine import Engine
 from supervisor.errors import StartupError
-from supervisor.events import EventBus
-from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
-from supervisor.pipeline import Pipeline
-from supervisor.repository import Repository
+from supervisor.http.auth import token_middleware
+from supervisor.http.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
+from supervisor.http.routes import error_middleware, request_log_middleware, routes
+from supervisor.serving.engine import Engine
 from supervisor.settings import Settings
 from supervisor.supervise import supervised
-from supervisor.twin_status import TwinStatus
+from supervisor.twin.status import TwinStatus
+from supervisor.updates.events import EventBus
+from supervisor.updates.pipeline import Pipeline
+from supervisor.updates.repository import Repository
 
 __all__ = ["ImportFailed", "StartupError", "build_app", "serving_logger"]
 
@@ -99,7 +99,7 @@ async def _import_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
-    from supervisor.watcher import PackageWatcher
+    from supervisor.updates.watcher import PackageWatcher
 
     settings = app[SETTINGS]
     watcher = PackageWatcher(
@@ -117,7 +117,7 @@ async def _twin_ctx(app: web.Application) -> AsyncIterator[None]:
         app[TWIN_STATUS].set("off", reason="EDGELOADER_TWIN=off")
         yield
         return
-    from supervisor.twin import TwinService
+    from supervisor.twin.service import TwinService
 
     service = TwinService(
         settings,

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 ENV_PREFIX = "EDGELOADER_"
-# Who needs the API token when one is set (supervisor/auth.py): model switching only, or every route.
+# Who needs the API token when one is set (supervisor/http/auth.py): model switching only, or every route.
 API_TOKEN_SCOPES = ("admin", "all")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _PACKAGE_DIR = Path(__file__).resolve().parent

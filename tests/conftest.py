@@ -21,12 +21,12 @@ import pytest
 from PIL import Image
 from waiting import eventually
 
-from supervisor.engine import Engine
-from supervisor.events import EventBus
-from supervisor.pipeline import Pipeline
-from supervisor.repository import Repository
+from supervisor.serving.engine import Engine
 from supervisor.settings import Settings, load_settings
-from supervisor.watcher import PackageWatcher
+from supervisor.updates.events import EventBus
+from supervisor.updates.pipeline import Pipeline
+from supervisor.updates.repository import Repository
+from supervisor.updates.watcher import PackageWatcher
 
 # -- settings and the update path ------------------------------------------------------------------
 

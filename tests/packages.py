@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from supervisor.events import EventBus, ModelEvent
+from supervisor.updates.events import EventBus, ModelEvent
 
 __all__ = [
     "BAD_PACKAGES",

@@ -15,8 +15,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from supervisor.app import build_app
-from supervisor.keys import ENGINE
-from supervisor.openapi import openapi_document
+from supervisor.http.keys import ENGINE
+from supervisor.http.openapi import openapi_document
 from supervisor.settings import load_settings
 
 
@@ -252,10 +252,10 @@ async def test_model_flag_imports_and_activates_a_package_and_keeps_the_users_fi
 
 async def test_model_flag_with_a_bad_package_refuses_to_start(tmp_path: Path) -> None:
     from supervisor.app import ImportFailed, import_model
-    from supervisor.engine import Engine
-    from supervisor.events import EventBus
-    from supervisor.pipeline import Pipeline
-    from supervisor.repository import Repository
+    from supervisor.serving.engine import Engine
+    from supervisor.updates.events import EventBus
+    from supervisor.updates.pipeline import Pipeline
+    from supervisor.updates.repository import Repository
 
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"not a zip")

@@ -1,4 +1,4 @@
-"""Unpacking packages safely (supervisor/archive.py): what is refused, and why, in words."""
+"""Unpacking packages safely (supervisor/package/archive.py): what is refused, and why, in words."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from packages import BAD_PACKAGES, ssd_files, write_folder, zip_bytes
 
-from supervisor.archive import ArchiveLimits, is_complete_zip, unpack_package
-from supervisor.package import PackageError
+from supervisor.package.archive import ArchiveLimits, is_complete_zip, unpack_package
+from supervisor.package.reader import PackageError
 
 LIMITS = ArchiveLimits(max_files=16, max_bytes=20_000_000, max_ratio=200.0)
 

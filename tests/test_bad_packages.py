@@ -12,9 +12,9 @@ from aiohttp.test_utils import TestClient
 from packages import BAD_PACKAGES, bad_package, ssd_files, write_zip
 
 from supervisor.app import build_app
-from supervisor.keys import EVENTS, PIPELINE
-from supervisor.quarantine import REASON_FILE
+from supervisor.http.keys import EVENTS, PIPELINE
 from supervisor.settings import Settings
+from supervisor.updates.quarantine import REASON_FILE
 
 if TYPE_CHECKING:
     from conftest import StartWatcher, WaitUntil

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from supervisor.twin import OUTPUT_NAME, DesiredModel
+from supervisor.twin.service import OUTPUT_NAME, DesiredModel
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from supervisor import errors
-from supervisor.openapi import openapi_document
+from supervisor.http.openapi import openapi_document
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

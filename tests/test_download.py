@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from waiting import eventually
 
-from supervisor.download import Download, DownloadError, parse_md5, parse_sha256
-from supervisor.partfile import commit
+from supervisor.twin.download import Download, DownloadError, parse_md5, parse_sha256
+from supervisor.twin.partfile import commit
 
 pytest_plugins = ["iot_fixtures"]
 

@@ -19,10 +19,10 @@ from PIL import Image
 from structlog.testing import capture_logs
 
 from supervisor.app import build_app
-from supervisor.keys import EVENTS, PIPELINE, REPOSITORY
-from supervisor.membudget import BudgetExceeded, BudgetTimeout, MemoryBudget
-from supervisor.repository import INSTALL_RECORD
+from supervisor.http.keys import EVENTS, PIPELINE, REPOSITORY
+from supervisor.serving.membudget import BudgetExceeded, BudgetTimeout, MemoryBudget
 from supervisor.settings import Settings
+from supervisor.updates.repository import INSTALL_RECORD
 
 if TYPE_CHECKING:
     from conftest import StartWatcher, WaitUntil

@@ -12,11 +12,11 @@ import pytest
 from modelgen import ssd_mobilenet_onnx
 from packages import SSD_LABELS, ssd_files, ssd_onnx, write_folder, write_zip
 
-from supervisor.manifest import manifest_schema
-from supervisor.package import PackageError, read_manifest
-from supervisor.packcli import verify_main
+from supervisor.cli.pack import verify_main
+from supervisor.package.manifest import manifest_schema
+from supervisor.package.reader import PackageError, read_manifest
 from supervisor.settings import load_settings
-from supervisor.validation import validate_package
+from supervisor.updates.verify import validate_package
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,7 +102,7 @@ def test_options_of_a_family_chosen_by_signature_are_checked_at_load(tmp_path: P
 
 def test_the_published_json_schema_is_the_one_the_code_generates() -> None:
     published = json.loads((REPO / "docs" / "model.schema.json").read_text())
-    assert published == manifest_schema(), "regenerate: python -m supervisor.manifest > docs/model.schema.json"
+    assert published == manifest_schema(), "regenerate: python -m supervisor.package.manifest > docs/model.schema.json"
 
 
 def test_the_json_schema_checks_a_manifest_as_the_device_does() -> None:

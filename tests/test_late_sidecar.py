@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 from packages import last, ssd_files, zip_bytes
 
-from supervisor.engine import Engine
-from supervisor.events import EventBus
-from supervisor.pipeline import Pipeline
+from supervisor.serving.engine import Engine
 from supervisor.settings import Settings
+from supervisor.updates.events import EventBus
+from supervisor.updates.pipeline import Pipeline
 
 if TYPE_CHECKING:
     from conftest import StartWatcher, WaitUntil

@@ -18,12 +18,12 @@ import handlers.ort_cache as ort_cache
 import handlers.runtimes as runtimes
 from handlers.ort_cache import OPTIMIZED_CACHE_DIR
 from handlers.runtimes import OnnxRuntime, open_runtime
-from supervisor.archive import ArchiveLimits, unpack_package
-from supervisor.engine import Engine
-from supervisor.package import read_manifest
-from supervisor.pipeline import Pipeline
-from supervisor.repository import Repository
-from supervisor.validation import package_sha256
+from supervisor.package.archive import ArchiveLimits, unpack_package
+from supervisor.package.checks import package_sha256
+from supervisor.package.reader import read_manifest
+from supervisor.serving.engine import Engine
+from supervisor.updates.pipeline import Pipeline
+from supervisor.updates.repository import Repository
 
 
 @pytest.fixture(autouse=True)

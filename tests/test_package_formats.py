@@ -11,9 +11,9 @@ import modelgen
 import onnx
 import pytest
 
-from supervisor.engine import load_and_warm
 from supervisor.errors import ModelInvalid
-from supervisor.package import read_labels, read_manifest
+from supervisor.package.reader import read_labels, read_manifest
+from supervisor.serving.loader import load_and_warm
 
 COCO90 = [f"class{i}" for i in range(90)]
 

@@ -11,12 +11,12 @@ import pytest
 from packages import BAD_PACKAGES, BUNDLED, SSD_LABELS, bad_package, ssd_onnx, write_folder
 
 from supervisor.__main__ import main
-from supervisor.engine import Engine
-from supervisor.events import EventBus
-from supervisor.package import file_sha256
-from supervisor.packcli import pack_main, verify_main
-from supervisor.pipeline import Pipeline
-from supervisor.repository import Repository
+from supervisor.cli.pack import pack_main, verify_main
+from supervisor.package.reader import file_sha256
+from supervisor.serving.engine import Engine
+from supervisor.updates.events import EventBus
+from supervisor.updates.pipeline import Pipeline
+from supervisor.updates.repository import Repository
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ from packages import last, ssd_files, states, write_folder, write_zip
 from structlog.testing import capture_logs
 
 from supervisor.app import build_app
-from supervisor.engine import Engine
-from supervisor.events import EventBus
-from supervisor.keys import EVENTS, PIPELINE
-from supervisor.pipeline import Pipeline
-from supervisor.repository import Repository
+from supervisor.http.keys import EVENTS, PIPELINE
+from supervisor.serving.engine import Engine
 from supervisor.settings import Settings
+from supervisor.updates.events import EventBus
+from supervisor.updates.pipeline import Pipeline
+from supervisor.updates.repository import Repository
 
 if TYPE_CHECKING:
     from conftest import WaitUntil

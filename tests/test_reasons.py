@@ -14,8 +14,8 @@ from structlog.testing import capture_logs
 
 from supervisor.app import build_app
 from supervisor.formats import REASON_FILE
-from supervisor.keys import PIPELINE
-from supervisor.reasons import MAX_REASON, user_reason
+from supervisor.http.keys import PIPELINE
+from supervisor.package.reasons import MAX_REASON, user_reason
 from supervisor.settings import Settings
 
 

@@ -11,8 +11,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from supervisor.download import Download, DownloadError
 from supervisor.redact import REDACTED, redact, redact_processor, redact_url
+from supervisor.twin.download import Download, DownloadError
 
 pytest_plugins = ["iot_fixtures"]
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from packages import BUNDLED, ssd_files, write_folder
 
-from supervisor.engine import Engine
-from supervisor.events import EventBus
-from supervisor.pipeline import Pipeline
-from supervisor.repository import INSTALL_RECORD, InstalledVersion, Repository
+from supervisor.serving.engine import Engine
 from supervisor.settings import Settings
+from supervisor.updates.events import EventBus
+from supervisor.updates.pipeline import Pipeline
+from supervisor.updates.repository import INSTALL_RECORD, InstalledVersion, Repository
 
 
 def install(repo: Repository, name: str, version: str, files: dict[str, bytes] | None = None) -> InstalledVersion:

@@ -12,7 +12,7 @@ import aiohttp
 from packages import ssd_files, write_zip
 
 from supervisor.app import build_app
-from supervisor.keys import EVENTS, PIPELINE
+from supervisor.http.keys import EVENTS, PIPELINE
 from supervisor.settings import Settings
 
 A = ("blazeface-short-range", "1")  # the bundled model, TFLite

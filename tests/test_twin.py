@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from waiting import eventually
 
-from supervisor.events import EventBus, ModelEvent
+from supervisor.cli.twinpatch import desired_properties
 from supervisor.settings import Settings
-from supervisor.twin import DesiredModel, TwinService
-from supervisor.twinpatch import desired_properties
+from supervisor.twin.service import DesiredModel, TwinService
+from supervisor.updates.events import EventBus, ModelEvent
 
 if TYPE_CHECKING:
     from iot_fixtures import BlobStore, FaultProxy, IotHub
@@ -498,7 +498,7 @@ async def test_standalone_mode_runs_without_a_hub(tmp_path: Path) -> None:
 def test_twin_patch_cli_prints_the_desired_properties(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import base64
 
-    from supervisor.twinpatch import main
+    from supervisor.cli.twinpatch import main
 
     package = tmp_path / "ssd-3.zip"
     package.write_bytes(b"package bytes" * 1000)

@@ -11,11 +11,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from supervisor.app import build_app
-from supervisor.connection_string import check_module_connection_string
 from supervisor.settings import load_settings
 from supervisor.supervise import supervised
-from supervisor.twin import TwinService
-from supervisor.twin_status import TwinStatus
+from supervisor.twin.connection_string import check_module_connection_string
+from supervisor.twin.service import TwinService
+from supervisor.twin.status import TwinStatus
 
 KEY = "c2VjcmV0LWtleS1vZi10aGUtZGV2aWNl"  # base64, stands for the device's key
 GOOD = f"HostName=hub.azure-devices.net;DeviceId=dev;ModuleId=edgemodelloader;SharedAccessKey={KEY}"

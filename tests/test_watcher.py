@@ -19,14 +19,14 @@ import pytest
 from packages import last, ssd_files, states, write_zip, zip_bytes
 
 from supervisor.app import build_app
-from supervisor.engine import Engine
-from supervisor.events import EventBus
-from supervisor.keys import PIPELINE
-from supervisor.partfile import commit
-from supervisor.pipeline import Pipeline
-from supervisor.repository import Repository
+from supervisor.http.keys import PIPELINE
+from supervisor.serving.engine import Engine
 from supervisor.settings import Settings, load_settings
-from supervisor.watcher import PackageWatcher, is_candidate_name, sidecar_owner
+from supervisor.twin.partfile import commit
+from supervisor.updates.events import EventBus
+from supervisor.updates.pipeline import Pipeline
+from supervisor.updates.repository import Repository
+from supervisor.updates.watcher import PackageWatcher, is_candidate_name, sidecar_owner
 
 if TYPE_CHECKING:
     from conftest import StartWatcher, WaitUntil, WriteSoon

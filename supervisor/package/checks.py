@@ -1,7 +1,7 @@
-"""What a package must pass before it may become active: checksums from its sender, archive
-safety, the manifest and per-file hashes, then a model that loads, fits a handler and its labels,
-and warms up. Blocking functions with no repository and no event loop: the pipeline runs them in
-its loader thread, ``edgeloader verify`` runs them directly."""
+"""What a package must pass before its model is loaded: checksums from its sender (sidecars or the
+twin's intent), archive safety, the manifest and per-file hashes. Blocking functions with no
+repository, no runtime and no event loop: the pipeline runs them in its loader thread,
+``edgeloader verify`` (updates/verify.py) directly."""
 
 from __future__ import annotations
 
@@ -15,23 +15,18 @@ from pathlib import Path
 import structlog
 
 from handlers.ort_cache import is_runtime_cache
-from supervisor.archive import ArchiveLimits, unpack_package
-from supervisor.engine import LoadedModel, load_and_warm
 from supervisor.formats import INTENT_SUFFIX, SIDECAR_SUFFIXES
-from supervisor.package import Manifest, PackageError, file_sha256, read_manifest, verify_files
-from supervisor.pathrules import walk_files
-from supervisor.settings import Settings
+from supervisor.package.archive import ArchiveLimits, unpack_package
+from supervisor.package.paths import walk_files
+from supervisor.package.reader import Manifest, PackageError, file_sha256, read_manifest, verify_files
 
 __all__ = [
-    "INTENT_SUFFIX",
     "Intent",
-    "Validated",
     "check_package_checksums",
     "package_sha256",
     "read_intent",
     "sidecars",
     "stage_package",
-    "validate_package",
 ]
 
 log = structlog.get_logger(__name__)
@@ -140,31 +135,6 @@ def stage_package(package: Path, workdir: Path, limits: ArchiveLimits, intent: I
     manifest = read_manifest(workdir, intent.name or stem, intent.version or sha[:12])
     verify_files(workdir, manifest)
     return manifest
-
-
-@dataclass(frozen=True)
-class Validated:
-    """A package that passed every check (``validate_package``); its model is loaded and warm."""
-
-    sha256: str
-    intent: Intent
-    manifest: Manifest
-    model: LoadedModel
-
-
-def validate_package(package: Path, workdir: Path, settings: Settings, source: str = "cli") -> Validated:
-    """Every check the pipeline makes before a package may become active, without a repository:
-    checksums, archive safety, manifest, per-file hashes, model load, handler, labels, warm-up.
-    Blocking (``edgeloader verify``). The caller owns ``workdir`` and closes ``model.runtime``."""
-    if package.is_symlink():
-        raise PackageError("the package is a symlink; drop the file or folder itself")
-    intent = read_intent(package, source)
-    sha = package_sha256(package)
-    check_package_checksums(package, sha, intent)
-    limits = ArchiveLimits(settings.max_package_files, settings.max_package_bytes, settings.max_compression_ratio)
-    manifest = stage_package(package, workdir, limits, intent, sha)
-    model = load_and_warm(workdir, settings.score_threshold, settings.runtime_threads or 1, manifest)
-    return Validated(sha, intent, manifest, model)
 
 
 def _file_md5(path: Path) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from supervisor import __version__
-from supervisor.manifest import manifest_schema
+from supervisor.package.manifest import manifest_schema
 
 __all__ = ["openapi_document"]
 

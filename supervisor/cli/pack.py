@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from handlers.runtimes import RuntimeMissing
 from supervisor.errors import ModelInvalid
-from supervisor.manifest import parse_manifest
-from supervisor.package import MANIFEST_NAME, PackageError, file_sha256, read_manifest
+from supervisor.package.manifest import parse_manifest
+from supervisor.package.reader import MANIFEST_NAME, PackageError, file_sha256, read_manifest
 
 if TYPE_CHECKING:
-    from supervisor.validation import Validated
+    from supervisor.updates.verify import Validated
 
 __all__ = ["pack_main", "verify_main"]
 
@@ -185,7 +185,7 @@ def _verify(
     not installed (a build machine), every other check still runs, and the package passes with a warning."""
     # Imported here: the runtimes are heavy and `pack --help` should not wait for them.
     from supervisor.settings import load_settings
-    from supervisor.validation import validate_package
+    from supervisor.updates.verify import validate_package
 
     try:
         settings = load_settings(config_file=config)

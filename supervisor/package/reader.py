@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.formats import LABEL_FILE_NAMES, MANIFEST_NAME, MODEL_SUFFIXES
-from supervisor.manifest import parse_manifest
-from supervisor.pathrules import PackageError, member_path, walk_files
+from supervisor.package.manifest import parse_manifest
+from supervisor.package.paths import PackageError, member_path, walk_files
 
 __all__ = [
     "LABEL_FILE_NAMES",

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from supervisor.formats import CHECKSUM_SUFFIXES
-from supervisor.quarantine import Quarantine
-from supervisor.repository import Repository
+from supervisor.updates.quarantine import Quarantine
+from supervisor.updates.repository import Repository
 
 __all__ = ["is_checksum_sidecar", "judge_late_sidecar"]
 

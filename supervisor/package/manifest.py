@@ -4,7 +4,7 @@
 one (``min_scor`` -> ``min_score``), a value of the wrong type with the form expected (``"activate":
 "false"`` is text, not false). ``handler_options`` are checked against the named family's own model
 (handlers/options.py and the family's module). The JSON Schema editors check a manifest against is
-generated from the same models: ``python -m supervisor.manifest > docs/model.schema.json`` (a test
+generated from the same models: ``python -m supervisor.package.manifest > docs/model.schema.json`` (a test
 keeps the published copy current); ``/openapi.json`` carries it too.
 """
 

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 
 import structlog
 
-from supervisor.download import Download, DownloadError, DownloadResult
-from supervisor.events import EventBus, ModelEvent
-from supervisor.partfile import commit, resume_note_path
 from supervisor.redact import redact
-from supervisor.twinpatch import DesiredModel
+from supervisor.twin.desired import DesiredModel
+from supervisor.twin.download import Download, DownloadError, DownloadResult
+from supervisor.twin.partfile import commit, resume_note_path
+from supervisor.updates.events import EventBus, ModelEvent
 
 __all__ = ["Reconciler", "StatusReport", "Updates", "clean_staging"]
 

@@ -13,7 +13,6 @@ import structlog
 from aiohttp import ClientConnectionResetError, ClientPayloadError, web
 
 from handlers.imaging import ImageDecodeError, ImageTooLarge, UnsupportedImageType
-from supervisor.engine import DetectResult
 from supervisor.errors import (
     BadRequest,
     EdgeLoaderError,
@@ -23,9 +22,10 @@ from supervisor.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from supervisor.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
-from supervisor.openapi import openapi_document
-from supervisor.pathrules import is_safe_component, public_reason
+from supervisor.http.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
+from supervisor.http.openapi import openapi_document
+from supervisor.package.paths import is_safe_component, public_reason
+from supervisor.serving.engine import DetectResult
 
 __all__ = ["error_middleware", "request_log_middleware", "routes"]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from supervisor.engine import Engine
-from supervisor.events import EventBus
-from supervisor.pipeline import Pipeline
-from supervisor.repository import Repository
+from supervisor.serving.engine import Engine
 from supervisor.settings import Settings
-from supervisor.twin_status import TwinStatus
+from supervisor.twin.status import TwinStatus
+from supervisor.updates.events import EventBus
+from supervisor.updates.pipeline import Pipeline
+from supervisor.updates.repository import Repository
 
 __all__ = ["ENGINE", "EVENTS", "PIPELINE", "REPOSITORY", "SETTINGS", "TWIN_STATUS"]
 

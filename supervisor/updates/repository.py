@@ -28,7 +28,7 @@ import structlog
 
 from supervisor.formats import INSTALL_RECORD, TMP_PREFIX
 from supervisor.fsutil import fsync_dir, write_durably
-from supervisor.pathrules import is_safe_component, member_path
+from supervisor.package.paths import is_safe_component, member_path
 
 __all__ = ["INSTALL_RECORD", "InstalledVersion", "Repository"]
 

@@ -18,16 +18,16 @@ from typing import Any
 
 import structlog
 
-from supervisor.connection_string import check_module_connection_string
-from supervisor.download import Download
-from supervisor.events import ModelEvent
-from supervisor.reasons import clip
+from supervisor.package.reasons import clip
 from supervisor.redact import redact, redact_url
-from supervisor.reporter import OUTPUT_NAME, Reporter, active_patch, merge_patch, model_output, status_patch
-from supervisor.twin_client import RETRYABLE, HubClient, describe_mode
-from supervisor.twin_reconcile import Reconciler, Updates
-from supervisor.twin_status import TwinStatus
-from supervisor.twinpatch import DesiredModel
+from supervisor.twin.client import RETRYABLE, HubClient, describe_mode
+from supervisor.twin.connection_string import check_module_connection_string
+from supervisor.twin.desired import DesiredModel
+from supervisor.twin.download import Download
+from supervisor.twin.reconcile import Reconciler, Updates
+from supervisor.twin.reporter import OUTPUT_NAME, Reporter, active_patch, merge_patch, model_output, status_patch
+from supervisor.twin.status import TwinStatus
+from supervisor.updates.events import ModelEvent
 
 __all__ = ["OUTPUT_NAME", "DesiredModel", "TwinService", "Updates"]
 

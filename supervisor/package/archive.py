@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from supervisor.pathrules import PackageError, walk_files
+from supervisor.package.paths import PackageError, walk_files
 
 __all__ = ["ArchiveLimits", "is_complete_zip", "unpack_package"]
 

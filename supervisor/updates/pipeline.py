@@ -19,20 +19,10 @@ from typing import Any, TypeVar
 
 import structlog
 
-from supervisor.archive import ArchiveLimits, unpack_package
-from supervisor.engine import Engine, LoadedModel
 from supervisor.errors import Conflict, ModelInvalid, NotFound
-from supervisor.events import EventBus, ModelEvent, State
 from supervisor.formats import ACTIVATED_MARKER, ACTIVATIONS_FILE, TMP_PREFIX
-from supervisor.history import ActivationHistory
-from supervisor.late_sidecar import is_checksum_sidecar, judge_late_sidecar
-from supervisor.package import PackageError, read_manifest
-from supervisor.pathrules import public_reason
-from supervisor.quarantine import Quarantine
-from supervisor.reasons import user_reason
-from supervisor.repository import InstalledVersion, Repository
-from supervisor.settings import Settings
-from supervisor.validation import (
+from supervisor.package.archive import ArchiveLimits, unpack_package
+from supervisor.package.checks import (
     Intent,
     check_package_checksums,
     package_sha256,
@@ -40,6 +30,17 @@ from supervisor.validation import (
     sidecars,
     stage_package,
 )
+from supervisor.package.paths import public_reason
+from supervisor.package.reader import PackageError, read_manifest
+from supervisor.package.reasons import user_reason
+from supervisor.serving.engine import Engine
+from supervisor.serving.loader import LoadedModel
+from supervisor.settings import Settings
+from supervisor.updates.events import EventBus, ModelEvent, State
+from supervisor.updates.history import ActivationHistory
+from supervisor.updates.late_sidecar import is_checksum_sidecar, judge_late_sidecar
+from supervisor.updates.quarantine import Quarantine
+from supervisor.updates.repository import InstalledVersion, Repository
 
 __all__ = ["Pipeline"]
 

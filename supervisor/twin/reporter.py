@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import structlog
 from azure.iot.device import exceptions as iot_errors
 
-from supervisor.events import ModelEvent
 from supervisor.redact import redact
+from supervisor.updates.events import ModelEvent
 
 __all__ = ["OUTPUT_NAME", "Reporter", "active_patch", "merge_patch", "model_output", "status_patch"]
 

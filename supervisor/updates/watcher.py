@@ -44,9 +44,9 @@ from typing import Protocol
 import structlog
 import watchfiles
 
-from supervisor.archive import is_complete_zip
 from supervisor.formats import CHECKSUM_SUFFIXES, INTENT_SUFFIX, SIDECAR_SUFFIXES
-from supervisor.pathrules import MAX_DEPTH, MAX_ENTRIES
+from supervisor.package.archive import is_complete_zip
+from supervisor.package.paths import MAX_DEPTH, MAX_ENTRIES
 
 __all__ = ["PackageWatcher", "is_candidate_name", "sidecar_owner"]
 

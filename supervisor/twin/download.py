@@ -30,8 +30,8 @@ import aiohttp
 import structlog
 
 from supervisor.formats import parse_md5, parse_sha256
-from supervisor.partfile import PartFile, resume_note_path
 from supervisor.redact import redact, redact_url
+from supervisor.twin.partfile import PartFile, resume_note_path
 
 __all__ = [
     "Download",

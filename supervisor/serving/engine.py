@@ -14,168 +14,25 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
-from PIL import Image
 
-from handlers.base import Detection, Handler, HandlerMismatch, OptionsRejected, choose_handler
+from handlers.base import Detection
 from handlers.decodecost import decode_cost
 from handlers.imaging import ImageTooLarge, decode_image, sniff_format
-from handlers.onnx_external import ModelFormatError, external_data_locations
-from handlers.runtimes import ModelLoadError, Runtime, open_runtime
 from supervisor.errors import Busy, ModelInvalid, NoModelLoaded
-from supervisor.manifest import options_error
-from supervisor.membudget import BudgetExceeded, BudgetTimeout, MemoryBudget
-from supervisor.package import Manifest, PackageError, file_sha256, read_labels, read_manifest
-from supervisor.pathrules import member_path
-from supervisor.reasons import user_reason
+from supervisor.package.reader import Manifest
+from supervisor.package.reasons import user_reason
+from supervisor.serving.loader import LoadedModel, ModelInfo, describe_error, load_and_warm
+from supervisor.serving.membudget import BudgetExceeded, BudgetTimeout, MemoryBudget
 
-__all__ = ["DetectResult", "Engine", "LoadedModel", "load_and_warm", "load_model"]
+__all__ = ["DetectResult", "Engine"]
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    version: str
-    handler: str
-    path: Path  # the version folder
-    model_file: str
-    labels_file: str | None
-    model_sha256: str
-    score_threshold: float
-    labels: tuple[str, ...]
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "handler": self.handler,
-            "model_file": self.model_file,
-            "sha256": self.model_sha256,
-            "score_threshold": self.score_threshold,
-            "labels": len(self.labels),
-        }
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to serve: runtime + handler + labels. Shared by all worker threads."""
-
-    info: ModelInfo
-    runtime: Runtime
-    handler: Handler
-    in_flight: int = 0
-    retired: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def label(self, class_id: int) -> str:
-        labels = self.info.labels
-        return labels[class_id] if 0 <= class_id < len(labels) else str(class_id)
-
-    def close_if_idle(self) -> None:
-        with self.lock:
-            if self.retired and self.in_flight == 0:
-                self.runtime.close()
-
-
-def load_model(
-    folder: Path,
-    default_threshold: float,
-    runtime_threads: int = 1,
-    manifest: Manifest | None = None,
-    workers: int = 0,
-    key: tuple[str, str] | None = None,
-) -> LoadedModel:
-    """Load a version folder: manifest, labels, runtime, handler; checks that they fit together.
-
-    ``key``: the (name, version) a stored version has in the repository, for a package whose
-    model.json does not say (otherwise the model would answer as its file name, version "1").
-    Blocking: call it in a worker thread. Raises ModelInvalid with the reason."""
-    try:
-        manifest = manifest or read_manifest(folder, *(key or (None, None)))
-        labels = read_labels(folder, manifest)
-        checked = not manifest.model_file.lower().endswith(".onnx") or _check_external_data(folder, manifest.model_file)
-        runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers)
-        if not checked:
-            runtime.close()
-            raise PackageError(f"{manifest.model_file} is not an ONNX model this service can check")
-        handler = choose_handler(runtime.signature, manifest.handler, manifest.handler_options)
-    except OptionsRejected as exc:
-        raise ModelInvalid("model.json: " + options_error(exc.error, exc.model, exc.handler)) from exc
-    except (PackageError, ModelLoadError, HandlerMismatch, OSError) as exc:
-        raise ModelInvalid(user_reason(str(exc), None, folder)) from exc
-    if not labels:
-        raise ModelInvalid(
-            "no labels: add labels.txt (one class name per line) or name the labels file in model.json"
-        )
-    expected = handler.num_classes
-    if expected is not None and len(labels) < expected:
-        raise ModelInvalid(f"labels file has {len(labels)} names but the model has {expected} classes")
-    info = ModelInfo(
-        name=manifest.name,
-        version=manifest.version,
-        handler=handler.name,
-        path=folder,
-        model_file=manifest.model_file,
-        labels_file=manifest.labels_file,
-        model_sha256=file_sha256(folder / manifest.model_file),
-        score_threshold=manifest.score_threshold if manifest.score_threshold is not None else default_threshold,
-        labels=tuple(labels),
-    )
-    return LoadedModel(info=info, runtime=runtime, handler=handler)
-
-
-def _check_external_data(folder: Path, model_file: str) -> bool:
-    """Every external-data file the ONNX model names lies inside the package (the path rule), checked
-    before onnxruntime opens anything: older runtimes follow '../' and absolute locations. False when
-    the file is not protobuf we can read: the runtime then says what is wrong with it (and if it
-    loads it all the same, the model is refused: it could hide a location from this check)."""
-    try:
-        locations = external_data_locations(folder / model_file)
-    except ModelFormatError:
-        return False
-    base = (folder / model_file).parent
-    for location in set(locations):
-        member_path(base, location, "an external-data location in the model")
-    return True
-
-
-def load_and_warm(
-    folder: Path,
-    default_threshold: float,
-    runtime_threads: int = 1,
-    manifest: Manifest | None = None,
-    workers: int = 0,
-    key: tuple[str, str] | None = None,
-) -> LoadedModel:
-    """``load_model``, then a blank image through the whole path (the engine, ``edgeloader verify``).
-
-    The warm-up catches output shapes a handler cannot decode and pays the runtime's first-call
-    cost before real requests arrive. Blocking; raises ModelInvalid with the reason."""
-    model = load_model(folder, default_threshold, runtime_threads, manifest, workers, key)
-    try:
-        w, h = model.handler.input_size
-        blank = Image.new("RGB", (max(w, 1), max(h, 1)), (114, 114, 114))
-        prepared = model.handler.preprocess(blank)
-        outputs = model.runtime.run(prepared.feeds)
-        model.handler.postprocess(outputs, prepared)
-    except Exception as exc:  # any failure here means the model is unusable
-        model.runtime.close()
-        raise ModelInvalid(user_reason(f"warm-up inference failed: {_describe(exc)}", None, folder)) from exc
-    return model
-
-
-def _describe(exc: BaseException) -> str:
-    """The error's text, with its type when that says something (a TypeError from a handler; not a
-    runtime's private InvalidArgument, whose text says it all)."""
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if type(exc).__module__ == "builtins" and str(exc) else text
 
 
 @dataclass
@@ -325,7 +182,7 @@ class Engine:
             found = model.handler.postprocess(outputs, prepared)
         except Exception as exc:
             # The image decoded fine, so this is the model's fault, not the client's.
-            raise ModelInvalid(user_reason(f"inference failed: {_describe(exc)}", None, model.info.path)) from exc
+            raise ModelInvalid(user_reason(f"inference failed: {describe_error(exc)}", None, model.info.path)) from exc
         t4 = time.perf_counter()
         detections = self._format(model, found, width, height, threshold, max_results, labels)
         ms = 1000.0

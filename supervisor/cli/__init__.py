@@ -1,0 +1,1 @@
+"""Command-line tools (pack, verify, twin-patch): import no runtime or server unless they load one."""

@@ -1,0 +1,1 @@
+"""HTTP: routes, errors as JSON, the API token, the OpenAPI document."""

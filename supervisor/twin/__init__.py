@@ -1,0 +1,1 @@
+"""IoT Hub: desired properties to a verified file in staging; events to reported properties."""

@@ -1,0 +1,1 @@
+"""The update flow: drop folder, pipeline, repository on disk, quarantine, events."""
