@@ -20,7 +20,8 @@ from aiohttp import web
 from supervisor.errors import StartupError
 from supervisor.http.auth import token_middleware
 from supervisor.http.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
-from supervisor.http.routes import error_middleware, request_log_middleware, routes
+from supervisor.http.middleware import error_middleware, request_log_middleware
+from supervisor.http.routes import routes
 from supervisor.serving.engine import Engine
 from supervisor.settings import Settings
 from supervisor.supervise import supervised

@@ -14,7 +14,7 @@ import hmac
 import structlog
 from aiohttp import web
 
-from supervisor.http.routes import Handler, json_error
+from supervisor.http.middleware import Handler, json_error
 from supervisor.settings import API_TOKEN_SCOPES
 
 __all__ = ["token_middleware"]

@@ -26,6 +26,7 @@ __all__ = [
     "is_safe_component",
     "member_path",
     "public_reason",
+    "safe_name",
     "walk_files",
 ]
 
@@ -48,6 +49,13 @@ class PackageError(ValueError):
 
 class UnsafePackage(PackageError):
     """A path a package names leaves it, or is not a regular file (the message names the key)."""
+
+
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+def safe_name(text: str) -> str:
+    """A name usable as one path component: letters, digits, dot, dash, underscore."""
+    cleaned = _UNSAFE_CHARS.sub("-", text).strip(".-_")
+    return cleaned[:80] or "model"
 
 
 def is_safe_component(text: str) -> bool:

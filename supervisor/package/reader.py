@@ -20,7 +20,7 @@ from typing import Any
 
 from supervisor.formats import LABEL_FILE_NAMES, MANIFEST_NAME, MODEL_SUFFIXES
 from supervisor.package.manifest import parse_manifest
-from supervisor.package.paths import PackageError, member_path, walk_files
+from supervisor.package.paths import PackageError, member_path, safe_name, walk_files
 
 __all__ = [
     "LABEL_FILE_NAMES",
@@ -32,7 +32,6 @@ __all__ = [
     "read_manifest",
 ]
 
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 # Read before anything else: a manifest or a labels file is text of a few kilobytes; a 50 MB one is
 # an attack on the loader's memory, not a package.
 MAX_MANIFEST_BYTES = 1 << 20
@@ -55,10 +54,6 @@ class Manifest:
     handler_options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def safe_name(text: str) -> str:
-    """A name usable as one path component: letters, digits, dot, dash, underscore."""
-    cleaned = _SAFE_NAME.sub("-", text).strip(".-_")
-    return cleaned[:80] or "model"
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

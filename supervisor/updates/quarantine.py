@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from supervisor.formats import REASON_FILE
-from supervisor.package.reader import safe_name
+from supervisor.package.paths import safe_name
 
 __all__ = ["Quarantine"]
 
