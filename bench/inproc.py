@@ -186,7 +186,7 @@ async def main() -> int:
     engine = Engine(workers=settings.worker_count, runtime_threads=settings.runtime_threads,
                     max_image_pixels=settings.max_image_pixels, default_threshold=settings.score_threshold)
     model = await engine.load(package)
-    engine.swap(model)
+    await engine.swap(model)
     bench = Bench(engine, model, image.read_bytes())
     await bench.run_engine(engine.workers, 0.5)  # warm every worker thread
     results.write(json.dumps({"ready": True, "workers": engine.workers, "runtime_threads": engine.runtime_threads,

@@ -60,9 +60,11 @@ def _cpu_fingerprint() -> str:
     return f"{platform.machine()}|{text or platform.processor()}"
 
 
-def cache_path(model: Path, ort_version: str) -> Path | None:
+def cache_path(model: Path, ort_version: str, content_key: str | None = None) -> Path | None:
     """Where the optimised copy of ``model`` for this device and onnxruntime lives, or None when
-    the model is too small to be worth caching or its folder cannot be read."""
+    the model is too small to be worth caching or its folder cannot be read. ``content_key``: a
+    digest of the folder's files the caller already holds (the install's one hashing pass); without
+    it the files are read and hashed here."""
     folder = model.parent
     try:
         # The model and every file beside it, not only the model: external-data sidecars can
@@ -79,6 +81,9 @@ def cache_path(model: Path, ort_version: str) -> Path | None:
             return None
         h = hashlib.sha256()
         h.update(f"{_CACHE_FORMAT}|{ort_version}|{_cpu_fingerprint()}".encode())
+        if content_key is not None:
+            h.update(b"\0content\0" + content_key.encode())
+            files = []
         for f in files:
             h.update(b"\0" + str(f.relative_to(folder)).encode() + b"\0")
             with f.open("rb") as fh:

@@ -103,7 +103,7 @@ class OnnxRuntime:
     only costs the saving: the original is then loaded as before.
     """
 
-    def __init__(self, path: Path, threads: int = 0, cache: bool = True) -> None:
+    def __init__(self, path: Path, threads: int = 0, cache: bool = True, content_key: str | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -111,7 +111,7 @@ class OnnxRuntime:
 
         self._ort = ort
         self._threads = threads
-        cached = ort_cache.cache_path(path, ort.__version__) if cache else None
+        cached = ort_cache.cache_path(path, ort.__version__, content_key) if cache else None
         session = self._load_cached(cached) if cached is not None and cached.is_file() else None
         if session is None:
             session = self._load_original(path, cached)
@@ -299,12 +299,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def open_runtime(path: Path, threads: int = 1, workers: int = 0) -> Runtime:
+def open_runtime(path: Path, threads: int = 1, workers: int = 0, content_key: str | None = None) -> Runtime:
     """Load a model file with the runtime its suffix names. ``workers``: how many threads will
-    call ``run`` (a TFLite interpreter per thread is prepared up front)."""
+    call ``run`` (a TFLite interpreter per thread is prepared up front). ``content_key``: a digest
+    of the model's folder already known to the caller (ONNX cache key without re-reading it)."""
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return OnnxRuntime(path, threads)
+        return OnnxRuntime(path, threads, content_key=content_key)
     if suffix == ".tflite":
         return TfliteRuntime(path, threads, pool_size=max(1, workers))
     raise ModelLoadError(f"unsupported model file {path.name}: expected .onnx or .tflite")

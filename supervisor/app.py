@@ -64,6 +64,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("model_ready", model=active.info.name if active else None,
              version=active.info.version if active else None, data_dir=str(settings.data_dir))
     yield
+    await pipeline.close()
     await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
 
 

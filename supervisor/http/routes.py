@@ -213,15 +213,18 @@ async def list_models(request: web.Request) -> web.Response:
     repo = request.app[REPOSITORY]
     engine = request.app[ENGINE]
     active = engine.active
-    current = repo.current()
-    previous = repo.previous()
+    # Reads of the disk (records, links, quarantine reasons) in a thread, not on the loop. Not the
+    # loader thread: it may be busy loading a model for seconds, and these reads need no order.
+    current, previous, stored, rejected = await asyncio.to_thread(
+        lambda: (repo.current(), repo.previous(), repo.versions(), request.app[PIPELINE].quarantine.entries())
+    )
     # The newest trouble each version had (a failed activation, an automatic rollback away from it).
     trouble: dict[tuple[str | None, str | None], dict[str, Any]] = {}
     for event in request.app[EVENTS].history:
         if event.state in ("failed", "rolled_back") and event.reason:
             trouble[(event.name, event.version)] = {"state": event.state, "reason": event.reason, "at": event.at}
     versions = []
-    for v in reversed(repo.versions()):
+    for v in reversed(stored):
         state = "stored"
         if active is not None and (active.info.name, active.info.version) == v.key:
             state = "active"
@@ -239,7 +242,7 @@ async def list_models(request: web.Request) -> web.Response:
         "active": active.info.public() if active else None,
         "current_on_disk": f"{current.name}/{current.version}" if current else None,
         "versions": versions,
-        "rejected": request.app[PIPELINE].quarantine.entries(),
+        "rejected": rejected,
         "twin": request.app[TWIN_STATUS].public() if TWIN_STATUS in request.app else None,
         "events": [e.to_dict() for e in request.app[EVENTS].history][-50:],
     })

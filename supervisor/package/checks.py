@@ -5,6 +5,7 @@ repository, no runtime and no event loop: the pipeline runs them in its loader t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -18,7 +19,14 @@ from handlers.ort_cache import is_runtime_cache
 from supervisor.formats import INTENT_SUFFIX, SIDECAR_SUFFIXES
 from supervisor.package.archive import ArchiveLimits, unpack_package
 from supervisor.package.paths import walk_files
-from supervisor.package.reader import Manifest, PackageError, file_sha256, read_manifest, verify_files
+from supervisor.package.reader import (
+    Manifest,
+    PackageError,
+    file_sha256,
+    package_file_hashes,
+    read_manifest,
+    verify_files,
+)
 
 __all__ = [
     "Intent",
@@ -133,8 +141,9 @@ def stage_package(package: Path, workdir: Path, limits: ArchiveLimits, intent: I
     unpack_package(package, workdir, limits)
     stem = package.name.split(".")[0] if package.is_file() else package.name
     manifest = read_manifest(workdir, intent.name or stem, intent.version or sha[:12])
-    verify_files(workdir, manifest)
-    return manifest
+    hashes = package_file_hashes(workdir)
+    verify_files(workdir, manifest, hashes)
+    return dataclasses.replace(manifest, hashes=hashes)
 
 
 def _file_md5(path: Path) -> str:

@@ -52,6 +52,9 @@ class Manifest:
     description: str = ""
     files: Mapping[str, str] = field(default_factory=dict)  # relative path -> sha256 hex
     handler_options: Mapping[str, Any] = field(default_factory=dict)
+    # SHA-256 of every file of the unpacked package (relative path -> hex), computed once at staging
+    # and kept in the install record: later steps and later loads reuse it instead of re-reading.
+    hashes: Mapping[str, str] = field(default_factory=dict)
 
 
 
@@ -184,10 +187,17 @@ def read_labels(folder: Path, manifest: Manifest) -> list[str]:
     return []
 
 
-def verify_files(folder: Path, manifest: Manifest) -> None:
-    """Check every file the manifest lists against its SHA-256."""
+def package_file_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every regular, visible file under ``folder`` (relative POSIX path -> hex). Blocking:
+    the one pass over an unpacked package's bytes."""
+    return {str(rel): file_sha256(folder / rel) for rel, st in walk_files(folder, skip_hidden=True)
+            if stat.S_ISREG(st.st_mode)}
+
+
+def verify_files(folder: Path, manifest: Manifest, hashes: Mapping[str, str] | None = None) -> None:
+    """Check every file the manifest lists against its SHA-256 (``hashes``: already computed ones)."""
     for rel, expected in manifest.files.items():
         path = folder / member_path(folder, rel, "model.json 'files'")
-        actual = file_sha256(path)
+        actual = (hashes or {}).get(rel) or file_sha256(path)
         if actual != expected:
             raise PackageError(f"checksum mismatch for {rel}: manifest {expected[:12]}…, file {actual[:12]}…")

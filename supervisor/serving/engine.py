@@ -12,7 +12,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,26 +92,31 @@ class Engine:
     # -- loading and swapping ------------------------------------------------------------------
 
     async def load(
-        self, folder: Path, manifest: Manifest | None = None, key: tuple[str, str] | None = None
+        self, folder: Path, manifest: Manifest | None = None, key: tuple[str, str] | None = None,
+        hashes: Mapping[str, str] | None = None,
     ) -> LoadedModel:
         """Load and warm up a model in the pool; the active model keeps serving meanwhile.
-        ``key``: a stored version's (name, version), see ``load_model``."""
+        ``key``: a stored version's (name, version); ``hashes``: its recorded file hashes (see
+        ``load_model``)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.loader, self._load_and_warm, folder, manifest, key)
+        return await loop.run_in_executor(self.loader, self._load_and_warm, folder, manifest, key, hashes)
 
     def _load_and_warm(
-        self, folder: Path, manifest: Manifest | None, key: tuple[str, str] | None
+        self, folder: Path, manifest: Manifest | None, key: tuple[str, str] | None,
+        hashes: Mapping[str, str] | None,
     ) -> LoadedModel:
-        return load_and_warm(folder, self.default_threshold, self.runtime_threads, manifest, self.workers, key)
+        return load_and_warm(folder, self.default_threshold, self.runtime_threads, manifest, self.workers, key,
+                             hashes)
 
-    def swap(self, model: LoadedModel) -> LoadedModel | None:
-        """Make ``model`` active; the old one is closed once its in-flight requests finish."""
+    async def swap(self, model: LoadedModel) -> LoadedModel | None:
+        """Make ``model`` active; the old one is closed once its in-flight requests finish (now, if
+        none runs). The switch itself is one assignment, before any await."""
         old, self._active = self._active, model
         self._streak = 0
         self._succeeded_since_swap = False
         if old is not None and old is not model:
             old.retired = True
-            old.close_if_idle()
+            await self._close_if_due(old)
         log.info("model_swapped", model=model.info.name, version=model.info.version,
                  previous=old.info.version if old else None)
         return old
@@ -150,11 +155,18 @@ class Engine:
         finally:
             with model.lock:
                 model.in_flight -= 1
-            model.close_if_idle()
+            await self._close_if_due(model)
         if model is self._active:
             self._streak = 0
             self._succeeded_since_swap = True
         return result
+
+    @staticmethod
+    async def _close_if_due(model: LoadedModel) -> None:
+        # Freeing a runtime (an ORT session, TFLite interpreters) takes milliseconds of native work:
+        # a thread, not the event loop. Not the loader thread either: a load there takes seconds.
+        if model.due_for_close():
+            await asyncio.to_thread(model.runtime.close)
 
     def _note_failure(self, model: LoadedModel) -> None:
         if model is not self._active or self._succeeded_since_swap:

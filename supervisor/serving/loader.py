@@ -7,7 +7,9 @@ included, before a runtime opens anything.
 
 from __future__ import annotations
 
+import hashlib
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,16 +64,21 @@ class LoadedModel:
     handler: Handler
     in_flight: int = 0
     retired: bool = False
+    closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def label(self, class_id: int) -> str:
         labels = self.info.labels
         return labels[class_id] if 0 <= class_id < len(labels) else str(class_id)
 
-    def close_if_idle(self) -> None:
+    def due_for_close(self) -> bool:
+        """True once, when the model is retired and its last request has ended: the caller closes
+        the runtime (off the event loop), and nobody else will."""
         with self.lock:
-            if self.retired and self.in_flight == 0:
-                self.runtime.close()
+            if self.retired and self.in_flight == 0 and not self.closed:
+                self.closed = True
+                return True
+            return False
 
 
 def load_model(
@@ -81,6 +88,7 @@ def load_model(
     manifest: Manifest | None = None,
     workers: int = 0,
     key: tuple[str, str] | None = None,
+    hashes: Mapping[str, str] | None = None,
 ) -> LoadedModel:
     """Load a version folder: manifest, labels, runtime, handler; checks that they fit together.
 
@@ -91,7 +99,8 @@ def load_model(
         manifest = manifest or read_manifest(folder, *(key or (None, None)))
         labels = read_labels(folder, manifest)
         checked = not manifest.model_file.lower().endswith(".onnx") or _check_external_data(folder, manifest.model_file)
-        runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers)
+        known = dict(manifest.hashes or hashes or {})
+        runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers, _content_key(known))
         if not checked:
             runtime.close()
             raise PackageError(f"{manifest.model_file} is not an ONNX model this service can check")
@@ -114,11 +123,21 @@ def load_model(
         path=folder,
         model_file=manifest.model_file,
         labels_file=manifest.labels_file,
-        model_sha256=file_sha256(folder / manifest.model_file),
+        model_sha256=known.get(manifest.model_file) or file_sha256(folder / manifest.model_file),
         score_threshold=manifest.score_threshold if manifest.score_threshold is not None else default_threshold,
         labels=tuple(labels),
     )
     return LoadedModel(info=info, runtime=runtime, handler=handler)
+
+
+def _content_key(hashes: Mapping[str, str]) -> str | None:
+    """A digest of the package's files from their known SHA-256s (None when they are not known)."""
+    if not hashes:
+        return None
+    h = hashlib.sha256()
+    for rel in sorted(hashes):
+        h.update(f"{rel}\0{hashes[rel]}\n".encode())
+    return h.hexdigest()
 
 
 def _check_external_data(folder: Path, model_file: str) -> bool:
@@ -143,12 +162,13 @@ def load_and_warm(
     manifest: Manifest | None = None,
     workers: int = 0,
     key: tuple[str, str] | None = None,
+    hashes: Mapping[str, str] | None = None,
 ) -> LoadedModel:
     """``load_model``, then a blank image through the whole path (the engine, ``edgeloader verify``).
 
     The warm-up catches output shapes a handler cannot decode and pays the runtime's first-call
     cost before real requests arrive. Blocking; raises ModelInvalid with the reason."""
-    model = load_model(folder, default_threshold, runtime_threads, manifest, workers, key)
+    model = load_model(folder, default_threshold, runtime_threads, manifest, workers, key, hashes)
     try:
         w, h = model.handler.input_size
         blank = Image.new("RGB", (max(w, 1), max(h, 1)), (114, 114, 114))

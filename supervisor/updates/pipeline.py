@@ -108,11 +108,11 @@ class Pipeline:
     async def start(self) -> None:
         """Repair the disk, then serve current, else the newest valid version, else the bundled default."""
         await self._blocking(self.repo.repair)
-        current = self.repo.current()
-        previous = self.repo.previous()
+        current, previous = await self._blocking(lambda: (self.repo.current(), self.repo.previous()))
         await self._blocking(self.history.seed, [v.key if v else None for v in (previous, current)])
         candidates = [current] if current else []
-        candidates += [v for v in reversed(self.repo.versions()) if current is None or v.key != current.key]
+        stored = await self._blocking(self.repo.versions)
+        candidates += [v for v in reversed(stored) if current is None or v.key != current.key]
         async with self._lock:
             for version in candidates:
                 try:
@@ -127,7 +127,7 @@ class Pipeline:
     async def _install_bundled_default(self) -> None:
         bundled = self.settings.bundled_model
         manifest = await self._blocking(read_manifest, bundled)
-        version = self.repo.get(manifest.name, manifest.version)
+        version = await self._blocking(self.repo.get, manifest.name, manifest.version)
         if version is not None:
             model = await self.engine.load(version.path, key=version.key)
         else:
@@ -138,7 +138,7 @@ class Pipeline:
                 record = {"package": "bundled", "source": "bundled", "package_sha256": None, **_model_record(model)}
                 version = await self._blocking(self.repo.install, workdir, manifest.name, manifest.version, record)
             except BaseException:
-                shutil.rmtree(workdir, ignore_errors=True)
+                await self._blocking(shutil.rmtree, workdir, True)
                 raise
             model.info = dataclasses.replace(model.info, path=version.path)
         await self._make_active(model, version, "startup", "bundled")
@@ -206,8 +206,9 @@ class Pipeline:
     async def _process_locked(self, package: Path, name: str, sha: str, intent: Intent) -> InstalledVersion | None:
         source = intent.source
         await self._blocking(check_package_checksums, package, sha, intent)
-        installed = self.repo.find_by_package_sha256(sha)
-        if installed is not None or self.quarantine.seen(sha):
+        installed, rejected_before = await self._blocking(
+            lambda: (self.repo.find_by_package_sha256(sha), self.quarantine.seen(sha)))
+        if installed is not None or rejected_before:
             activated = await self._activate_again_if_wanted(installed, intent, name, sha)
             await self._blocking(_remove_package, package)
             if activated:
@@ -224,16 +225,16 @@ class Pipeline:
             # Load and warm up from the workdir: a model that fails never reaches models/.
             model = await self.engine.load(workdir, manifest)
         except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
+            await self._blocking(shutil.rmtree, workdir, True)
             raise
         activate = manifest.activate if intent.activate is None else intent.activate
         record = {"package": name, "package_sha256": sha, "source": source, "activate": activate,
-                  **_model_record(model)}
+                  **_model_record(model), "file_sha256": dict(manifest.hashes)}
         try:
             version = await self._blocking(self.repo.install, workdir, manifest.name, manifest.version, record)
         except BaseException:
-            model.runtime.close()
-            shutil.rmtree(workdir, ignore_errors=True)
+            await self._blocking(model.runtime.close)
+            await self._blocking(shutil.rmtree, workdir, True)
             raise
         # The runtime was loaded from the workdir; re-point the model's info at its new home.
         model.info = dataclasses.replace(model.info, path=version.path)
@@ -241,7 +242,7 @@ class Pipeline:
             self._emit("activating", source, name, sha256=sha, name=version.name, version=version.version)
             await self._make_active(model, version, source, name, sha)
         else:
-            model.runtime.close()
+            await self._blocking(model.runtime.close)
             self._emit("stored", source, name, sha256=sha, name=version.name, version=version.version)
         await self._blocking(_remove_package, package)
         await self._blocking(self.repo.prune, self.settings.keep_versions)
@@ -274,7 +275,9 @@ class Pipeline:
             version.check_record()
         except PackageError as exc:
             raise ModelInvalid(str(exc)) from exc
-        return await self.engine.load(version.path, key=version.key)
+        recorded = version.record.get("file_sha256")
+        hashes = recorded if isinstance(recorded, dict) else None  # hashed once, at install
+        return await self.engine.load(version.path, key=version.key, hashes=hashes)
 
     async def _make_active(
         self, model: LoadedModel, version: InstalledVersion, source: str, package: str, sha: str | None = None,
@@ -285,7 +288,7 @@ class Pipeline:
         await self._blocking(self.repo.flip, version)
         await self._blocking(_mark_activated, version.path)
         await self._blocking(self.history.rolled_back_to if rollback else self.history.record, version.key)
-        self.engine.swap(model)
+        await self.engine.swap(model)
         self.events.publish(self._active_event(model, source, package, sha))
 
     # -- activation of stored versions --------------------------------------------------------------
@@ -296,7 +299,7 @@ class Pipeline:
             return await self._activate_stored(name, version, source)
 
     async def _activate_stored(self, name: str, version: str, source: str, rollback: bool = False) -> InstalledVersion:
-        stored = self.repo.get(name, version)
+        stored = await self._blocking(self.repo.get, name, version)
         if stored is None:
             raise NotFound(f"model {name} version {version} is not in the repository")
         active = self.engine.active
@@ -339,6 +342,14 @@ class Pipeline:
         self._rollback_task = asyncio.get_running_loop().create_task(
             self._auto_rollback(reason), name="auto-rollback"
         )
+
+    async def close(self) -> None:
+        """Stop what the pipeline started on its own (an automatic rollback under way): cancelled
+        and awaited, so that shutdown does not leave it half-done behind the engine's back."""
+        task = self._rollback_task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _auto_rollback(self, reason: str) -> None:
         try:
