@@ -311,6 +311,12 @@ async def test_failures_are_reported_once_and_not_retried(rig: Rig, blob_proxy: 
     assert blob_proxy.connections == connections, "a failed update is being retried"
     assert rig.pipeline.received == ["broken-1.zip"]
     assert "sig=" not in json.dumps(rig.sim.reported_copy())
+    # /models (the event history) says why, beside the pipeline's own refusals.
+    shown = {e.package: e.reason or "" for e in rig.pipeline.events.history
+             if e.state in ("download_failed", "rejected")}
+    assert set(shown) == {"wrong-1.zip", "expired-1.zip", "missing-1.zip", "broken-1.zip"}, shown
+    assert "SHA-256 mismatch" in shown["wrong-1.zip"] and "not found (HTTP 404)" in shown["missing-1.zip"]
+    assert "sig=" not in json.dumps([e.to_dict() for e in rig.pipeline.events.history])
 
     # A restart (the supervisor restarts a crashed service) does not retry the failed version either.
     await rig.stop()
@@ -367,6 +373,15 @@ async def test_newer_desired_supersedes_a_running_download(rig: Rig, blob_proxy:
     # Progress is throttled: at most one 'downloading' report per progress_interval (0.5 s).
     downloading = [p for p in rig.sim.states() if p == "downloading"]
     assert 1 <= len(downloading) <= 2 + 2 * 3  # the first report plus at most 2/s for ~3 s
+    # /models (the event history) shows the twin's steps among the pipeline's, and a download's progress
+    # as one entry, the latest, whatever its length.
+    history = rig.pipeline.events.history
+    slow_steps = [e for e in history if e.package == "slow-1.zip"]
+    assert [e.state for e in slow_steps] == ["downloading"]
+    assert slow_steps[0].desired_version == first and slow_steps[0].bytes_total == len(slow)
+    assert 0 < (slow_steps[0].bytes_done or 0) < len(slow)
+    assert [e.state for e in history if e.package == "fast-2.zip"] == [
+        "downloading", "downloaded", "received", "validating", "activating", "active"]
 
 
 async def test_fresh_sas_during_a_download_resumes_it(rig: Rig, blob_proxy: FaultProxy) -> None:

@@ -114,7 +114,10 @@ class HubClient:
         return future
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.wait_for(self._in_thread(fn, *args), self.op_timeout)
+        # Not asyncio.wait_for: on 3.11 it swallows a cancellation that arrives as the call completes,
+        # and a task that outlives its cancel keeps the twin service from stopping.
+        async with asyncio.timeout(self.op_timeout):
+            return await self._in_thread(fn, *args)
 
     async def connect(self) -> None:
         await self._call(self._client.connect)
@@ -165,7 +168,8 @@ class HubClient:
     async def shutdown(self, wait: float = 10.0) -> None:
         """Disconnect and stop the SDK's threads. ``shutdown()`` blocks, so it runs in its own thread."""
         try:
-            await asyncio.wait_for(self._in_thread(self._client.shutdown), wait)
+            async with asyncio.timeout(wait):
+                await self._in_thread(self._client.shutdown)
         except Exception as exc:
             log.warning("iothub_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
 

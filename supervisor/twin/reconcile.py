@@ -1,11 +1,16 @@
 """Bringing the desired model package into effect, one request at a time.
 
-``TwinService`` (twin.py) reads the desired properties and hands each parsed request to
+``TwinService`` (service.py) reads the desired properties and hands each parsed request to
 ``Reconciler.want``. The reconciler runs one job for the latest request: a package already installed
 (same SHA-256) is never downloaded again, only activated if the request asks for it; anything else is
 downloaded into ``staging/`` (resumable and verified, download.py) and handed to the update pipeline,
-whose events say how it ended. Progress and outcome go back through the ``report`` callback as
-``ModelUpdate`` states; their meaning is the contract in docs/twin.md.
+whose events say how it ended.
+
+Like every flow, a job says what happened through the event bus, never by calling back into the service:
+its own steps are ``TWIN_STATES`` events (``downloading`` with progress, ``downloaded``,
+``download_failed``, ``already_installed``, ``update_failed``; source ``twin``, with the desired
+``$version`` they answer), and the pipeline publishes the rest. ``TwinService`` turns both into reported
+properties; ``deliver`` tells it which pipeline events concern the running job.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,9 +29,9 @@ from supervisor.redact import redact
 from supervisor.twin.desired import DesiredModel
 from supervisor.twin.download import Download, DownloadError, DownloadResult
 from supervisor.twin.partfile import commit, resume_note_path
-from supervisor.updates.events import EventBus, ModelEvent
+from supervisor.updates.events import TWIN_STATES, EventBus, ModelEvent, State
 
-__all__ = ["Reconciler", "StatusReport", "Updates", "clean_staging"]
+__all__ = ["Reconciler", "Updates", "Watch", "clean_staging"]
 
 log = structlog.get_logger(__name__)
 
@@ -55,13 +61,26 @@ class Updates(Protocol):
         """Make an installed model active; raises on failure; publishes events."""
 
 
-class StatusReport(Protocol):
-    """Reports a ``ModelUpdate`` state for the request being answered (``Reconciler.request``)."""
+@dataclass(eq=False)
+class Watch:
+    """What the running job waits to hear from the pipeline: the package it handed over (known by
+    SHA-256, or by file name for early events from staging that carry none), or the installed model it
+    activates. Pipeline events that concern it are queued for the job until a final one."""
 
-    def __call__(
-        self, state: str, *, reason: str | None = None, bytes_done: int | None = None,
-        bytes_total: int | None = None,
-    ) -> None: ...
+    sha256: str | None = None
+    file_name: str | None = None
+    model: tuple[str, str] | None = None
+    size: int | None = None  # of the downloaded package (BytesDone, BytesTotal)
+    final: frozenset[str] = _FINAL
+    events: asyncio.Queue[ModelEvent] = field(default_factory=asyncio.Queue)
+
+    def concerns(self, event: ModelEvent) -> bool:
+        if self.model is not None:
+            # Any source: an activation of the same model by someone else answers the request as well.
+            return event.state in ("activating", "active", "failed") and (event.name, event.version) == self.model
+        if self.sha256 is not None and event.sha256 == self.sha256:
+            return True
+        return event.source in ("twin", "staging") and event.package == self.file_name
 
 
 def clean_staging(staging: Path, keep: set[str]) -> None:
@@ -90,14 +109,12 @@ class Reconciler:
     def __init__(
         self,
         updates: Updates,
-        report: StatusReport,
         *,
         progress_interval: float,
         pipeline_timeout: float,
         download_options: Mapping[str, Any],
     ) -> None:
         self.updates = updates
-        self._report = report
         self.progress_interval = progress_interval
         self.pipeline_timeout = pipeline_timeout
         self._download_options = dict(download_options)
@@ -106,8 +123,8 @@ class Reconciler:
         self._wanted: DesiredModel | None = None
         self._wanted_changed = asyncio.Event()
         self._job: asyncio.Task[None] | None = None
-        self._waiters: dict[str, asyncio.Queue[ModelEvent]] = {}
-        self._stale_cleanup: asyncio.Task[None] | None = None
+        self._watch: Watch | None = None
+        self._cleanups: set[asyncio.Task[None]] = set()
         # "Settled": no job is about to change the active model (see settled()).
         self._scheduling = False
         self._downloading = False
@@ -116,18 +133,29 @@ class Reconciler:
 
     def reset(self) -> None:
         """Forget requests and jobs: a new run of the service starts from the twin again."""
-        self.request = self._wanted = self._job = None
+        self.request = self._wanted = self._job = self._watch = None
         self._wanted_changed = asyncio.Event()
-        self._waiters = {}
         self._scheduling = self._downloading = False
         self._settled = asyncio.Event()
         self._settled.set()
 
     async def stop(self) -> None:
-        """Cancel the running job and give it a few seconds to let go of its files."""
+        """Cancel the running job and wait (a few seconds at most) until it has let go of its files, and
+        until staging clean-ups have ended."""
+        tasks = [*self._cleanups]
         if self._job is not None:
+            self._cancel_job()
+            tasks.append(self._job)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=5)
+            for task in pending:
+                log.warning("twin_task_slow_to_stop", task=task.get_name())
+
+    def _cancel_job(self) -> None:
+        # Pipeline events still on their way no longer answer anything.
+        self._watch = None
+        if self._job is not None and not self._job.done():
             self._job.cancel()
-            await asyncio.wait([self._job], timeout=5)
 
     @property
     def idle(self) -> bool:
@@ -143,13 +171,15 @@ class Reconciler:
         """Want nothing: cancel the running job. ``clean_staging_dir``: also remove partial downloads,
         as no request will resume them."""
         self._wanted = None
-        if self._job is not None and not self._job.done():
-            self._job.cancel()
+        self._cancel_job()
         if clean_staging_dir:
-            self._stale_cleanup = asyncio.create_task(
-                asyncio.to_thread(clean_staging, Path(self.updates.staging_dir), set())
-            )
+            task = asyncio.create_task(self._clean_staging(), name="twin-staging-cleanup")
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
         self._refresh_settled()
+
+    async def _clean_staging(self) -> None:
+        await asyncio.to_thread(clean_staging, Path(self.updates.staging_dir), set())
 
     async def settled(self) -> None:
         """Return once no job is about to change the active model: none is wanted or running, or the
@@ -185,32 +215,44 @@ class Reconciler:
                 self.request = request  # same package: the running job answers the new version
                 return
             log.info("update_superseded", old=self.request and self.request.file_name, new=request.file_name)
-            job.cancel()
+            self._cancel_job()
             await asyncio.wait([job])
         self.request = request
         self._job = asyncio.create_task(self._fulfil(request), name=f"twin-update-{request.file_name}")
         self._job.add_done_callback(lambda _: self._refresh_settled())
 
-    def deliver(self, event: ModelEvent) -> None:
-        """Pass a pipeline event to the hand-over waiting for it, if any. Packages are known by SHA-256;
-        events that carry none (early ones from staging) by the file name."""
-        queue = self._waiters.get(event.sha256 or "")
-        if queue is None and event.source in ("twin", "staging"):
-            queue = self._waiters.get(event.package)
-        if queue is not None:
-            queue.put_nowait(event)
+    def deliver(self, event: ModelEvent) -> Watch | None:
+        """Pass a pipeline event to the running job if it concerns it, and return the job's watch; None
+        for any other event (the twin's own events included). The watch closes at its final event."""
+        watch = self._watch
+        if watch is None or event.state in TWIN_STATES or not watch.concerns(event):
+            return None
+        watch.events.put_nowait(event)
+        if event.state in watch.final:
+            self._watch = None
+        return watch
+
+    def _publish(self, state: State, request: DesiredModel, **fields: Any) -> None:
+        """Say what the job for ``request`` did: an event of the twin's own (``TWIN_STATES``)."""
+        assert state in TWIN_STATES, state
+        if self.request is not None and self.request.same_target(request):
+            request = self.request  # the job answers the newest $version that asks for the same
+        self.updates.events.publish(ModelEvent(
+            state, "twin", request.file_name, desired_version=request.desired_version, **fields,
+        ))
 
     # ------------------------------------------------------------------------------- one request
     async def _fulfil(self, request: DesiredModel) -> None:
+        self._watch = None
         try:
             if request.sha256 and (found := self.updates.find_package(request.sha256)):
-                await self._use_installed(request, found)
+                await self._use_installed(request, request.sha256, found)
                 return
             result = await self._download(request)
             # Without a SHA-256 in the request (MD5 only), only the bytes tell whether we have it.
             if (found := self.updates.find_package(result.sha256)) is not None:
                 await asyncio.to_thread(result.path.unlink, missing_ok=True)
-                await self._use_installed(request, found)
+                await self._use_installed(request, result.sha256, found)
                 return
             await self._hand_over(request, result.sha256, result.size)
         except asyncio.CancelledError:
@@ -218,10 +260,10 @@ class Reconciler:
             raise
         except DownloadError as exc:
             log.warning("download_failed", file=request.file_name, reason=exc.reason)
-            self._report("failed", reason=exc.reason)
+            self._publish("download_failed", request, reason=exc.reason)
         except Exception as exc:
             log.exception("update_failed", file=request.file_name)
-            self._report("failed", reason=redact(f"{type(exc).__name__}: {exc}")[:300])
+            self._publish("update_failed", request, reason=redact(f"{type(exc).__name__}: {exc}")[:300])
 
     async def _download(self, request: DesiredModel) -> DownloadResult:
         staging = Path(self.updates.staging_dir)
@@ -235,9 +277,9 @@ class Reconciler:
             now = time.monotonic()
             if now - last >= self.progress_interval:
                 last = now
-                self._report("downloading", bytes_done=done, bytes_total=total)
+                self._publish("downloading", request, bytes_done=done, bytes_total=total)
 
-        self._report("downloading", bytes_done=0, bytes_total=request.length)
+        self._publish("downloading", request, bytes_done=0, bytes_total=request.length)
         last = time.monotonic()
         download = Download(
             request.url, part, expected_length=request.length,
@@ -251,7 +293,7 @@ class Reconciler:
         finally:
             self._downloading = False
             self._refresh_settled()
-        self._report("verifying", bytes_done=result.size, bytes_total=result.size)
+        self._publish("downloaded", request, sha256=result.sha256, bytes_done=result.size, bytes_total=result.size)
         return result
 
     async def _hand_over(self, request: DesiredModel, sha256: str, size: int) -> None:
@@ -262,52 +304,40 @@ class Reconciler:
             intent["name"] = request.name
         if request.version:
             intent["version"] = request.version
-        queue: asyncio.Queue[ModelEvent] = asyncio.Queue()
-        # Listen before the package appears in staging: the pipeline may answer at once.
-        self._waiters[sha256] = queue
-        self._waiters[request.file_name] = queue
+        # Listen before the package appears in staging: the pipeline may answer at once. The service
+        # reports the pipeline's events (validating, activating, active, stored, rejected) as they come.
+        watch = self._watch = Watch(sha256=sha256, file_name=request.file_name, size=size)
         try:
             part = staging / f"{request.file_name}.part"
             await asyncio.to_thread(commit, part, staging / request.file_name, intent)
             async with asyncio.timeout(self.pipeline_timeout):
-                while True:
-                    event = await queue.get()
-                    if event.state == "validating":
-                        self._report("verifying", bytes_done=size, bytes_total=size)
-                    elif event.state == "activating":
-                        self._report("activating", bytes_done=size, bytes_total=size)
-                    elif event.state in _FINAL:
-                        break
+                while (event := await watch.events.get()).state not in _FINAL:
+                    pass
         except TimeoutError:
-            self._report("failed", reason="the update pipeline did not answer in time")
+            self._publish("update_failed", request, reason="the update pipeline did not answer in time")
             return
         finally:
-            self._waiters.pop(sha256, None)
-            self._waiters.pop(request.file_name, None)
-        if event.state == "active":
-            self._report("active", bytes_done=size, bytes_total=size)
-        elif event.state == "stored":
-            self._report("stored", bytes_done=size, bytes_total=size)
-        elif event.state == "duplicate" and (found := self.updates.find_package(sha256)):
-            await self._use_installed(request, found)
-        else:
-            self._report("failed", reason=redact(event.reason or f"package {event.state}")[:300])
+            if self._watch is watch:
+                self._watch = None
+        if event.state == "duplicate" and (found := self.updates.find_package(sha256)):
+            await self._use_installed(request, sha256, found)
+        elif event.state in ("duplicate", "failed"):  # active, stored and rejected speak for themselves
+            self._publish("update_failed", request, reason=redact(event.reason or f"package {event.state}")[:300])
 
-    async def _use_installed(self, request: DesiredModel, found: tuple[str, str]) -> None:
+    async def _use_installed(self, request: DesiredModel, sha256: str, found: tuple[str, str]) -> None:
         name, version = found
         active = self.updates.active()
         is_active = active is not None and (active.name, active.version) == (name, version)
         log.info("package_already_installed", file=request.file_name, name=name, version=version,
                  active=is_active, activate=request.activate)
-        if is_active:
-            self._report("active")
-        elif not request.activate:
-            self._report("stored")
-        else:
-            self._report("activating")
-            try:
-                await self.updates.activate(name, version, "twin")
-            except Exception as exc:
-                self._report("failed", reason=redact(f"activation failed: {exc}")[:300])
-                return
-            self._report("active")
+        if is_active or not request.activate:
+            self._publish("already_installed", request, sha256=sha256, name=name, version=version)
+            return
+        # Set with no await since active() was read: an activation of this model by anyone from now on
+        # is heard. The watch stays open after activate() returns, until the service has seen the answer.
+        self._watch = Watch(model=(name, version), final=frozenset({"active", "failed"}))
+        try:
+            await self.updates.activate(name, version, "twin")
+        except Exception as exc:
+            self._watch = None
+            self._publish("update_failed", request, reason=redact(f"activation failed: {exc}")[:300])

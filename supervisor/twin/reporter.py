@@ -9,6 +9,7 @@ and only the latest message per output is kept. It tries again on reconnect and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -131,10 +132,10 @@ class Reporter:
     async def run(self) -> None:
         while True:
             if self.pending:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.retry_interval)
-                except TimeoutError:
-                    pass
+                # Not asyncio.wait_for, which on 3.11 may swallow a cancellation (see HubClient._call).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.retry_interval):
+                        await self._wake.wait()
             else:
                 await self._wake.wait()
             self._wake.clear()

@@ -2,11 +2,11 @@
 
 Desired properties name one model package (``FileName``, ``DownloadUrl``, hashes, ...). The service
 reconciles: on connect, on every reconnect and on every desired patch it reads the whole twin and hands
-the request it holds to the ``Reconciler`` (twin_reconcile.py), which downloads, verifies and hands the
-package to the update pipeline, or uses the copy already installed. Pipeline events become reported
-properties and, for each model that becomes active, a ``DLModelOutput`` message; when the service
-starts, the model then active is announced the same way unless it was already. It knows nothing about
-runtimes.
+the request it holds to the ``Reconciler`` (reconcile.py), which downloads, verifies and hands the
+package to the update pipeline, or uses the copy already installed. Events, the reconciler's and the
+pipeline's, become reported properties (``_REPORTED_STATE``) and, for each model that becomes active, a
+``DLModelOutput`` message; when the service starts, the model then active is announced the same way
+unless it was already. It knows nothing about runtimes.
 """
 
 from __future__ import annotations
@@ -24,16 +24,32 @@ from supervisor.twin.client import RETRYABLE, HubClient, describe_mode
 from supervisor.twin.connection_string import check_module_connection_string
 from supervisor.twin.desired import DesiredModel
 from supervisor.twin.download import Download
-from supervisor.twin.reconcile import Reconciler, Updates
+from supervisor.twin.reconcile import Reconciler, Updates, Watch
 from supervisor.twin.reporter import OUTPUT_NAME, Reporter, active_patch, merge_patch, model_output, status_patch
 from supervisor.twin.status import TwinStatus
-from supervisor.updates.events import ModelEvent
+from supervisor.updates.events import TWIN_STATES, ModelEvent
 
 __all__ = ["OUTPUT_NAME", "DesiredModel", "TwinService", "Updates"]
 
 log = structlog.get_logger(__name__)
 
 _NOT_RETRIED = frozenset({"failed", "rolled_back"})
+
+# The ``ModelUpdate.State`` (docs/twin.md) an event about the desired request becomes: the reconciler's
+# own events, and pipeline events that concern its running job. Not listed (received, duplicate, the
+# pipeline's failed): no report, the job goes on or its own event follows. "already_installed" reads as
+# "active" or "stored", whichever the installed model is (``_report_event``).
+_REPORTED_STATE = {
+    "downloading": "downloading",
+    "downloaded": "verifying",
+    "validating": "verifying",
+    "activating": "activating",
+    "active": "active",
+    "stored": "stored",
+    "rejected": "failed",
+    "download_failed": "failed",
+    "update_failed": "failed",
+}
 
 
 def _model_key(event: ModelEvent) -> tuple[str | None, str | None, str | None]:
@@ -68,7 +84,7 @@ class TwinService:
         self.twin_timeout = twin_timeout
         self.pipeline_timeout = pipeline_timeout
         self._reconciler = Reconciler(
-            updates, self._report_status, progress_interval=progress_interval, pipeline_timeout=pipeline_timeout,
+            updates, progress_interval=progress_interval, pipeline_timeout=pipeline_timeout,
             download_options={
                 "retries": download_retries,
                 "backoff_base": download_backoff[0],
@@ -84,6 +100,7 @@ class TwinService:
         self._patch_hint: dict[str, Any] | None = None
         self._resync = asyncio.Event()
         self._last_state: str | None = None
+        self._answered: int | None = None  # the newest desired $version a status was reported for
         # Kept for the life of the process, across supervised restarts of run().
         self._last_output: tuple[str | None, str | None, str | None] | None = None
 
@@ -153,6 +170,7 @@ class TwinService:
 
     def _reset(self) -> None:
         self._desired_version = None
+        self._answered = None
         self._patch_hint = None
         self._resync = asyncio.Event()
         self._reconciler.reset()
@@ -277,6 +295,9 @@ class TwinService:
             bytes_total=bytes_total,
         )
         self._last_state = state
+        answered = status["ModelUpdate"]["DesiredVersion"]
+        if isinstance(answered, int) and (self._answered is None or answered > self._answered):
+            self._answered = answered
         log.info("model_update_status", **{k: v for k, v in status["ModelUpdate"].items() if v is not None})
         active = self.updates.active() if state == "active" else None
         if active is not None:
@@ -315,17 +336,45 @@ class TwinService:
 
     async def _watch_events(self) -> None:
         async for event in self.updates.events.subscribe():
-            if event.state == "active":
-                self._report_active(event)
-                self._send_model_output(event)
-            elif event.state == "rolled_back":
-                # The 'active' event of the version rolled back to came first (and was reported). This one
-                # names the version now active: if the twin's package was active, it is not any more.
-                # Report it, so that a restart does not activate it again.
-                request = self._reconciler.request
-                if (
-                    request is not None and self._reconciler.idle
-                    and self._last_state == "active" and event.package != request.file_name
-                ):
-                    self._report_status("rolled_back", reason=event.reason or f"rolled back ({event.source})")
-            self._reconciler.deliver(event)
+            self._on_event(event)
+
+    def _on_event(self, event: ModelEvent) -> None:
+        if event.state == "active":
+            self._report_active(event)
+            self._send_model_output(event)
+        elif event.state == "rolled_back":
+            # The 'active' event of the version rolled back to came first (and was reported). This one
+            # names the version now active: if the twin's package was active, it is not any more.
+            # Report it, so that a restart does not activate it again.
+            request = self._reconciler.request
+            if (
+                request is not None and self._reconciler.idle
+                and self._last_state == "active" and event.package != request.file_name
+            ):
+                self._report_status("rolled_back", reason=event.reason or f"rolled back ({event.source})")
+        watch = self._reconciler.deliver(event)
+        if watch is not None or event.state in TWIN_STATES:
+            self._report_event(event, watch)
+
+    def _report_event(self, event: ModelEvent, watch: Watch | None) -> None:
+        """Report an event about the desired request: the reconciler's own (``watch`` None), or one of the
+        pipeline's that concerns the reconciler's running job (``watch``: what the job waits for)."""
+        state = _REPORTED_STATE.get(event.state)
+        if event.state == "already_installed":
+            active = self.updates.active()
+            is_active = active is not None and (active.name, active.version) == (event.name, event.version)
+            state = "active" if is_active else "stored"
+        if state is None:
+            return
+        reason = (event.reason or f"package {event.state}") if state == "failed" else None
+        if watch is not None:
+            # The request is the running job's (Reconciler.request); the size is its download's.
+            self._report_status(state, reason=reason, bytes_done=watch.size, bytes_total=watch.size)
+            return
+        version = event.desired_version
+        if isinstance(version, int) and self._answered is not None and version < self._answered:
+            # From a job that a newer request (or a refused one, already reported) has replaced.
+            log.debug("stale_twin_event_ignored", state=event.state, version=version, answered=self._answered)
+            return
+        self._report_status(state, reason=reason, bytes_done=event.bytes_done, bytes_total=event.bytes_total,
+                            file_name=event.package, desired_version=version)

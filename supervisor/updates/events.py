@@ -1,7 +1,8 @@
 """One internal channel for model state changes.
 
-The pipeline publishes; the log, ``/models`` and the twin reporter subscribe. Publishing never
-blocks and never fails: a slow subscriber loses its oldest events, not the publisher's time.
+The pipeline and the twin's reconciler publish; the log, ``/models`` and the twin service subscribe.
+Publishing never blocks and never fails: a slow subscriber loses its oldest events, not the publisher's
+time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 import structlog
 
-__all__ = ["EventBus", "ModelEvent", "State"]
+__all__ = ["TWIN_STATES", "EventBus", "ModelEvent", "State"]
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +30,19 @@ State = Literal[
     "duplicate",  # same bytes as a package already processed: ignored
     "rolled_back",
     "failed",  # an activation (API, rollback) that did not happen; nothing changed
+    # The twin's own steps for one desired request (source "twin", with desired_version):
+    "downloading",  # the package is being downloaded into staging (bytes_done of bytes_total)
+    "downloaded",  # downloaded and verified against the desired hashes; the pipeline takes it from here
+    "download_failed",  # the download failed (HTTP error, checksum, length, disk); nothing changed
+    "already_installed",  # the package is installed already (same SHA-256) and need not be activated
+    "update_failed",  # the request ended without a change for a reason of the twin's (no answer from
+    # the pipeline in time, the installed package could not be activated, an unexpected error)
 ]
+
+# Published only by the twin's reconciler, about the desired request it works on.
+TWIN_STATES: frozenset[str] = frozenset(
+    {"downloading", "downloaded", "download_failed", "already_installed", "update_failed"}
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,10 @@ class ModelEvent:
     model_path: str | None = None
     labels_path: str | None = None
     at: float = field(default_factory=time.time)
+    # Twin events: the desired $version they answer, and download progress.
+    desired_version: int | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -60,8 +77,17 @@ class EventBus:
         self._queue_size = queue_size
 
     def publish(self, event: ModelEvent) -> None:
-        self.history.append(event)
-        log.info("model_event", **event.to_dict())
+        last = self.history[-1] if self.history else None
+        if (
+            event.state == "downloading" and last is not None and last.state == "downloading"
+            and (last.source, last.package) == (event.source, event.package)
+        ):
+            # Progress of a download that may take days: one entry in the history, the latest.
+            self.history[-1] = event
+            log.debug("model_event", **event.to_dict())  # the twin logs it as model_update_status
+        else:
+            self.history.append(event)
+            log.info("model_event", **event.to_dict())
         for q in self._queues:
             if q.full():
                 q.get_nowait()
