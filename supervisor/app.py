@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from supervisor.errors import StartupError
+from supervisor.fsutil import remove_tree
 from supervisor.http.auth import token_middleware
 from supervisor.http.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
 from supervisor.http.middleware import error_middleware, request_log_middleware
@@ -85,7 +86,7 @@ async def import_model(pipeline: Pipeline, path: Path) -> None:
     try:
         version = await pipeline.process(copy, source="cli")
     finally:
-        await loop.run_in_executor(None, shutil.rmtree, holder, True)
+        await loop.run_in_executor(None, remove_tree, holder)
     if version is None:
         rejected = [e for e in pipeline.events.history if e.state == "rejected" and e.package == copy.name]
         reason = rejected[-1].reason if rejected else "see the log"

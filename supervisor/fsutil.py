@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
+import uuid
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_durably"]
+__all__ = ["fsync_dir", "remove_tree", "write_durably"]
 
 
 def write_durably(path: Path, text: str) -> None:
@@ -23,3 +25,44 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or a folder tree, best effort, never following a symlink.
+
+    ``shutil.rmtree`` recurses once per level: a package nested a thousand folders deep (a USB stick can
+    carry one) raises RecursionError, which ``ignore_errors`` does not catch. Here every sub-folder is
+    first moved up to sit directly under ``path`` and emptied there, so neither the stack nor any path
+    grows with the depth of the tree."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            path.unlink()
+            return
+    except OSError:
+        return
+    prefix = f".rm-{uuid.uuid4().hex[:12]}-"
+    flattened: list[Path] = []
+    queue = [path]
+    while queue:
+        folder = queue.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    flat = path / f"{prefix}{len(flattened)}"
+                    os.rename(entry.path, flat)
+                    flattened.append(flat)
+                    queue.append(flat)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                continue
+    for folder in [*flattened, path]:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass

@@ -19,6 +19,7 @@ from PIL import Image
 from structlog.testing import capture_logs
 
 from supervisor.app import build_app
+from supervisor.fsutil import remove_tree
 from supervisor.http.keys import EVENTS, PIPELINE, REPOSITORY
 from supervisor.serving.membudget import BudgetExceeded, BudgetTimeout, MemoryBudget
 from supervisor.settings import Settings
@@ -309,7 +310,8 @@ async def test_a_multipart_flood_is_refused_at_the_part_cap(client: TestClient) 
 
 
 async def test_a_deeply_nested_folder_package_is_quarantined(
-    client: TestClient, settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil,
+    request: pytest.FixtureRequest, client: TestClient, settings: Settings,
+    start_watcher: StartWatcher, wait_until: WaitUntil,
 ) -> None:
     staging = settings.data_dir / "deep-build"
     deep = staging / "deep-pkg"
@@ -319,11 +321,43 @@ async def test_a_deeply_nested_folder_package_is_quarantined(
         nested = nested / "a"
         nested.mkdir()
     os.rename(deep, settings.inbox_dir / "deep-pkg")
+    # Whatever happens, leave no 1000-deep tree for pytest's recursive clean-up of old runs.
+    request.addfinalizer(lambda: remove_tree(settings.data_dir))
     with capture_logs() as logs:
         reasons = await drop_and_wait(client, start_watcher, wait_until, {"deep-pkg": deep})
     assert "levels deep" in reasons["deep-pkg"]
     assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
     assert not (settings.inbox_dir / "deep-pkg").exists()
+    # The quarantined copy must be removable by the service (and must not be left for pytest's own
+    # recursive clean-up of old temporary folders, which overflows the stack on it).
+    entries = list(settings.quarantine_dir.iterdir())
+    assert entries
+    for entry in entries:
+        remove_tree(entry)
+    assert not list(settings.quarantine_dir.iterdir())
+
+
+def test_remove_tree_takes_what_shutil_rmtree_cannot(tmp_path: Path) -> None:
+    import shutil
+
+    top = tmp_path / "top"
+    top.mkdir()
+    nested = top
+    for _ in range(1200):
+        nested = nested / "a"
+        nested.mkdir()
+    (nested / "leaf").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"k")
+    (top / "link").symlink_to(outside)
+    try:
+        with pytest.raises(RecursionError):
+            shutil.rmtree(top, ignore_errors=True)
+    finally:
+        remove_tree(top)
+    assert not top.exists()
+    assert (outside / "keep").read_bytes() == b"k"  # a symlink inside is removed, not followed
 
 
 # -- 7. slow bodies, disconnects, what responses give away ------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import structlog
 
 from supervisor.errors import Conflict, ModelInvalid, NotFound
 from supervisor.formats import ACTIVATED_MARKER, ACTIVATIONS_FILE, TMP_PREFIX
+from supervisor.fsutil import remove_tree
 from supervisor.package.archive import ArchiveLimits, unpack_package
 from supervisor.package.checks import (
     Intent,
@@ -138,7 +138,7 @@ class Pipeline:
                 record = {"package": "bundled", "source": "bundled", "package_sha256": None, **_model_record(model)}
                 version = await self._blocking(self.repo.install, workdir, manifest.name, manifest.version, record)
             except BaseException:
-                await self._blocking(shutil.rmtree, workdir, True)
+                await self._blocking(remove_tree, workdir)
                 raise
             model.info = dataclasses.replace(model.info, path=version.path)
         await self._make_active(model, version, "startup", "bundled")
@@ -225,7 +225,7 @@ class Pipeline:
             # Load and warm up from the workdir: a model that fails never reaches models/.
             model = await self.engine.load(workdir, manifest)
         except BaseException:
-            await self._blocking(shutil.rmtree, workdir, True)
+            await self._blocking(remove_tree, workdir)
             raise
         activate = manifest.activate if intent.activate is None else intent.activate
         record = {"package": name, "package_sha256": sha, "source": source, "activate": activate,
@@ -234,7 +234,7 @@ class Pipeline:
             version = await self._blocking(self.repo.install, workdir, manifest.name, manifest.version, record)
         except BaseException:
             await self._blocking(model.runtime.close)
-            await self._blocking(shutil.rmtree, workdir, True)
+            await self._blocking(remove_tree, workdir)
             raise
         # The runtime was loaded from the workdir; re-point the model's info at its new home.
         model.info = dataclasses.replace(model.info, path=version.path)
@@ -390,6 +390,6 @@ def _remove_package(package: Path) -> None:
         # watcher would take for a new (broken) package. Repair removes the leftover.
         doomed = package.with_name(f"{TMP_PREFIX}del-{uuid.uuid4().hex[:8]}")
         os.rename(package, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_tree(doomed)
     else:
         package.unlink(missing_ok=True)

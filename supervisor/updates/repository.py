@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from typing import Any
 import structlog
 
 from supervisor.formats import INSTALL_RECORD, TMP_PREFIX
-from supervisor.fsutil import fsync_dir, write_durably
+from supervisor.fsutil import fsync_dir, remove_tree, write_durably
 from supervisor.package.paths import is_safe_component, member_path
 
 __all__ = ["INSTALL_RECORD", "InstalledVersion", "Repository"]
@@ -175,7 +174,7 @@ class Repository:
         # Rename first so that a crash mid-delete never leaves a half-deleted version in models/.
         doomed = self.staging_dir / f"{TMP_PREFIX}del-{uuid.uuid4().hex[:8]}"
         os.rename(version.path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        remove_tree(doomed)
         try:
             version.path.parent.rmdir()
         except OSError:
@@ -204,7 +203,7 @@ class Repository:
         removed: list[str] = []
         # staging/: versions being built or deleted; inbox/: folder packages being deleted.
         for path in [*self.staging_dir.glob(f"{TMP_PREFIX}*"), *self.inbox_dir.glob(f"{TMP_PREFIX}*")]:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            remove_tree(path)
             removed.append(str(path.relative_to(self.data_dir)))
         for path in self.data_dir.glob(f"*{TMP_PREFIX}*"):
             if path.is_symlink():
@@ -213,7 +212,7 @@ class Repository:
         for name_dir in _subdirs(self.models_dir):
             for version_dir in _subdirs(name_dir):
                 if self._read_record(version_dir) is None:
-                    shutil.rmtree(version_dir, ignore_errors=True)
+                    remove_tree(version_dir)
                     removed.append(str(version_dir.relative_to(self.data_dir)))
         if removed:
             log.warning("repository_repaired", removed=removed)
