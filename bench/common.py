@@ -247,3 +247,51 @@ def memory_growth(after: list[int], settle: int = 5) -> int:
         return after[-1] - after[0]
     half = max(len(after) // 2, settle + 1)
     return int(statistics.median(after[half:]) - statistics.median(after[settle:half]))
+
+
+# -- the in-process side and merging rounds ---------------------------------------------------------
+
+
+class InProc:
+    """bench/inproc.py as a subprocess: one JSON command per line, one JSON answer per line."""
+
+    def __init__(self, package: Path, image: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BENCH / "inproc.py"), str(package), str(image)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+            env={**os.environ, "EDGELOADER_TWIN": "off", **(env or {})},
+        )
+        self.info = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("bench/inproc.py died; run it by hand to see why")
+        return dict(json.loads(line))
+
+    def ask(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.ask(cmd="quit")
+        except (RuntimeError, BrokenPipeError, ValueError):
+            pass
+        self.proc.wait(30)
+
+
+def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one configuration: medians over rounds (robust to a neighbour's burst of load)."""
+    out: dict[str, Any] = {"requests": sum(r["requests"] for r in runs),
+                           "errors": sum(r.get("errors", 0) for r in runs)}
+    for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "cpu_ms_per_req", "loadgen_cpu_pct",
+                "server_cpu_pct"):
+        vals = [r[key] for r in runs if key in r]
+        if vals:
+            out[key] = round(float(np.median(vals)), 2)
+    out["rounds"] = runs
+    return out

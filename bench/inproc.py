@@ -184,7 +184,8 @@ async def main() -> int:
     settings = load_settings({"twin": "off"})
     pin_mmap_threshold()  # as `edgeloader serve` does: the same memory behaviour as the service
     engine = Engine(workers=settings.worker_count, runtime_threads=settings.runtime_threads,
-                    max_image_pixels=settings.max_image_pixels, default_threshold=settings.score_threshold)
+                    wide_lane=settings.wide_lane, max_image_pixels=settings.max_image_pixels,
+                    default_threshold=settings.score_threshold)
     model = await engine.load(package)
     await engine.swap(model)
     bench = Bench(engine, model, image.read_bytes())

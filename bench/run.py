@@ -34,7 +34,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH, CACHE, ROOT, Server, memory_growth, percentiles, read_status_kb, reset_peak_rss, wrk
+from common import (
+    BENCH,
+    CACHE,
+    ROOT,
+    InProc,
+    Server,
+    memory_growth,
+    merge_rounds,
+    percentiles,
+    read_status_kb,
+    reset_peak_rss,
+    wrk,
+)
 from loadgen import Load, Sample
 
 RESULTS = BENCH / "results.json"
@@ -75,52 +87,7 @@ def ensure_setup() -> None:
 # -- the in-process side ----------------------------------------------------------------------------
 
 
-class InProc:
-    """bench/inproc.py as a subprocess: one JSON command per line, one JSON answer per line."""
-
-    def __init__(self, package: Path, image: Path, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(BENCH / "inproc.py"), str(package), str(image)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-            env={**os.environ, "EDGELOADER_TWIN": "off", **(env or {})},
-        )
-        self.info = self._read()
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("bench/inproc.py died; run it by hand to see why")
-        return dict(json.loads(line))
-
-    def ask(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        try:
-            self.ask(cmd="quit")
-        except (RuntimeError, BrokenPipeError, ValueError):
-            pass
-        self.proc.wait(30)
-
-
 # -- 1. overhead ------------------------------------------------------------------------------------
-
-
-def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rounds of one configuration: medians over rounds (robust to a neighbour's burst of load)."""
-    out: dict[str, Any] = {"requests": sum(r["requests"] for r in runs),
-                           "errors": sum(r.get("errors", 0) for r in runs)}
-    for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "cpu_ms_per_req", "loadgen_cpu_pct",
-                "server_cpu_pct"):
-        vals = [r[key] for r in runs if key in r]
-        if vals:
-            out[key] = round(float(np.median(vals)), 2)
-    out["rounds"] = runs
-    return out
 
 
 def overhead(model: str, server: Server, inproc: InProc, seconds: float, rounds: int) -> dict[str, Any]:
@@ -143,7 +110,7 @@ def overhead(model: str, server: Server, inproc: InProc, seconds: float, rounds:
             runs[(c, mode)].append(res)
     table: dict[str, Any] = {}
     for (c, mode), lst in runs.items():
-        table.setdefault(str(c), {})[mode] = _merge(lst)
+        table.setdefault(str(c), {})[mode] = merge_rounds(lst)
     for c in CONCURRENCY:
         row = table[str(c)]
         log(f"{model} c={c}: http {row['http']['rps']:.1f}/s  in-process {row['inproc']['rps']:.1f}/s  "
@@ -174,7 +141,7 @@ def big_images(server: Server, seconds: float, rounds: int) -> dict[str, Any]:
         order = [("640x480", SMALL), ("12MP", LARGE)]
         for key, path in order if r % 2 == 0 else order[::-1]:
             runs[key].append(wrk(server.url + "/detect", path, 1, seconds, server.pid))
-    merged = {k: _merge(v) for k, v in runs.items()}
+    merged = {k: merge_rounds(v) for k, v in runs.items()}
     timings = {}
     for key, path in (("640x480", SMALL), ("12MP", LARGE)):
         _, body = server.post("/detect", path.read_bytes(), "image/jpeg")
@@ -360,6 +327,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"RSS growth over 50 swaps / loaded size, {model}", get(model, "memory", "growth_vs_loaded"), 0.1, True)
         add(f"live-memory growth, 50 load/unload cycles, {model}",
             get(model, "memory", "cycles", "growth_vs_loaded"), 0.1, True)
+    for model, sbs in results.get("sidebyside", {}).items():
+        add(f"1 client p50, service / hand-rolled Flask, {model}", sbs["service_vs_flask_p50"], 1.0, True)
+        add(f"1 client p50, service / bare runtime on all cores, {model}", sbs["service_vs_bare_p50"], 1.25, True)
+        add(f"4 clients req/s, service / hand-rolled Flask, {model}", sbs["service_vs_flask_rps4"], 1.1, False)
     st = results.get("startup")
     if st:
         add("start to /readyz, fresh data dir (median)", st["fresh_median_s"], 2.0, True, "s")
@@ -369,6 +340,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_tables(results: dict[str, Any]) -> None:
     print()
+    if results.get("sidebyside"):
+        import sidebyside
+
+        print(sidebyside.table(results["sidebyside"]))
+        print()
     for model, entry in results["models"].items():
         oh = entry.get("overhead")
         if not oh:
@@ -401,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
     parser.add_argument("--swaps", type=int, default=50, help="swaps in the memory test")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ",".join(MODELS))
-    parser.add_argument("--only", default="overhead,big,swap,memory,startup",
-                        help="sections: overhead,big,swap,memory,startup")
+    parser.add_argument("--only", default="sidebyside,overhead,big,swap,memory,startup",
+                        help="sections: sidebyside,overhead,big,swap,memory,startup")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the service and the in-process side, e.g. EDGELOADER_WORKERS=3 "
                              "or MALLOC_ARENA_MAX=2 (repeatable)")
@@ -427,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "startup" in args.only:
         results["startup"] = startup()
+    if "sidebyside" in args.only:
+        import sidebyside
+
+        results["sidebyside"] = {}
+        for model in [m for m in args.models.split(",") if m in sidebyside.MODELS]:
+            log(f"== side by side, {model}: bare runtime, hand-rolled Flask app, the service")
+            results["sidebyside"][model] = sidebyside.side_by_side(model, args.seconds, args.rounds)
     for model in args.models.split(","):
         bench_model(model, args, results)
     results["targets"] = targets(results)

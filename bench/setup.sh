@@ -12,6 +12,8 @@ test -x "$PY" || { echo "bench/setup.sh: $PY missing: run 'make setup' first" >&
 if ! "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
     "$PY" -m pip install --quiet torch==2.13.0
 fi
+# The hand-rolled baseline of bench/sidebyside.py (Flask + OpenCV), bench-only: not in the image.
+"$PY" -c 'import flask, cv2' 2>/dev/null || "$PY" -m pip install --quiet flask opencv-python-headless
 # Profilers for looking into a missed target (docs/performance.md says how).
 "$PY" -c 'import pyinstrument' 2>/dev/null || "$PY" -m pip install --quiet pyinstrument
 test -x "$(dirname "$PY")/py-spy" || "$PY" -m pip install --quiet py-spy

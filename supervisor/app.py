@@ -49,6 +49,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         default_threshold=settings.score_threshold,
         decode_memory_bytes=settings.decode_memory_bytes,
         decode_wait_seconds=settings.decode_wait_seconds,
+        wide_lane=settings.wide_lane,
     )
     repo = Repository(settings.data_dir)
     try:

@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     workers: int = Field(0, ge=0)
     """Worker threads running inference (0 = one per CPU core, at most 4)."""
     runtime_threads: int = Field(0, ge=0)
-    """Threads each runtime call may use inside the model (0 = let the runtime decide)."""
+    """Threads each runtime call may use inside the model when several requests run at once (0 = cores / workers)."""
+    wide_lane: bool = True
+    """Give a lone request every core (one more session or interpreter per model; false saves its memory)."""
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
     """Default score threshold when a request and the manifest give none."""
     keep_versions: Count = 3

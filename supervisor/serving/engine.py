@@ -67,11 +67,17 @@ class Engine:
         default_threshold: float = 0.5,
         decode_memory_bytes: int = 256 << 20,
         decode_wait_seconds: float = 10.0,
+        wide_lane: bool = True,
     ) -> None:
         self.workers = workers
         # Image decodes in flight share this much memory; see membudget.py.
         self.decode_budget = MemoryBudget(decode_memory_bytes, decode_wait_seconds)
         self.runtime_threads = runtime_threads or max(1, (os.cpu_count() or 1) // workers)
+        # A lone request (one camera sending one frame at a time) runs on every core; several at once
+        # run on ``runtime_threads`` each (see handlers/runtimes.open_runtime). 0: no wide lane.
+        cores = os.cpu_count() or 1
+        self.wide_threads = cores if wide_lane and cores > self.runtime_threads else 0
+        self._requests = 0  # requests in flight on any model (read from the worker threads)
         self.max_image_pixels = max_image_pixels
         self.default_threshold = default_threshold
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="infer")
@@ -106,7 +112,7 @@ class Engine:
         hashes: Mapping[str, str] | None,
     ) -> LoadedModel:
         return load_and_warm(folder, self.default_threshold, self.runtime_threads, manifest, self.workers, key,
-                             hashes)
+                             hashes, self.wide_threads)
 
     async def swap(self, model: LoadedModel) -> LoadedModel | None:
         """Make ``model`` active; the old one is closed once its in-flight requests finish (now, if
@@ -137,6 +143,7 @@ class Engine:
         # close the model this request will run on.
         with model.lock:
             model.in_flight += 1
+        self._requests += 1
         try:
             # The header says what decoding will cost; wait for that much memory before a worker starts.
             fmt = sniff_format(data)
@@ -153,6 +160,7 @@ class Engine:
             self._note_failure(model)
             raise
         finally:
+            self._requests -= 1
             with model.lock:
                 model.in_flight -= 1
             await self._close_if_due(model)
@@ -189,7 +197,8 @@ class Engine:
         try:
             prepared = model.handler.preprocess(image)
             t2 = time.perf_counter()
-            outputs = model.runtime.run(prepared.feeds)
+            # Decided now, not at arrival: a request that came while this one decoded shares the cores.
+            outputs = model.runtime.run(prepared.feeds, alone=self._requests <= 1)
             t3 = time.perf_counter()
             found = model.handler.postprocess(outputs, prepared)
         except Exception as exc:

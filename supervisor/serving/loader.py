@@ -89,6 +89,7 @@ def load_model(
     workers: int = 0,
     key: tuple[str, str] | None = None,
     hashes: Mapping[str, str] | None = None,
+    wide_threads: int = 0,
 ) -> LoadedModel:
     """Load a version folder: manifest, labels, runtime, handler; checks that they fit together.
 
@@ -100,7 +101,8 @@ def load_model(
         labels = read_labels(folder, manifest)
         checked = not manifest.model_file.lower().endswith(".onnx") or _check_external_data(folder, manifest.model_file)
         known = dict(manifest.hashes or hashes or {})
-        runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers, _content_key(known))
+        runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers, _content_key(known),
+                               wide_threads)
         if not checked:
             runtime.close()
             raise PackageError(f"{manifest.model_file} is not an ONNX model this service can check")
@@ -163,18 +165,21 @@ def load_and_warm(
     workers: int = 0,
     key: tuple[str, str] | None = None,
     hashes: Mapping[str, str] | None = None,
+    wide_threads: int = 0,
 ) -> LoadedModel:
     """``load_model``, then a blank image through the whole path (the engine, ``edgeloader verify``).
 
     The warm-up catches output shapes a handler cannot decode and pays the runtime's first-call
     cost before real requests arrive. Blocking; raises ModelInvalid with the reason."""
-    model = load_model(folder, default_threshold, runtime_threads, manifest, workers, key, hashes)
+    model = load_model(folder, default_threshold, runtime_threads, manifest, workers, key, hashes, wide_threads)
     try:
         w, h = model.handler.input_size
         blank = Image.new("RGB", (max(w, 1), max(h, 1)), (114, 114, 114))
         prepared = model.handler.preprocess(blank)
         outputs = model.runtime.run(prepared.feeds)
         model.handler.postprocess(outputs, prepared)
+        # The wide lane (a lone request's) must run too: its first call pays the runtime's set-up.
+        model.handler.postprocess(model.runtime.run(prepared.feeds, alone=True), prepared)
     except Exception as exc:  # any failure here means the model is unusable
         model.runtime.close()
         raise ModelInvalid(user_reason(f"warm-up inference failed: {describe_error(exc)}", None, folder)) from exc
