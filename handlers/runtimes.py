@@ -44,6 +44,11 @@ class RuntimeMissing(ModelLoadError):
 class Runtime(Protocol):
     signature: Signature
 
+    @property
+    def has_wide_lane(self) -> bool:
+        """Whether a lone call gets a session or interpreter of its own that uses every core."""
+        ...
+
     def run(self, feeds: Mapping[str, np.ndarray], alone: bool = False) -> dict[str, np.ndarray]:
         """Run the model. ``alone``: no other request is in flight, so this call may use every core
         (the wide lane, see ``open_runtime``)."""
@@ -224,6 +229,10 @@ class OnnxRuntime:
         results = session.run(self._output_names, dict(feeds))
         return dict(zip(self._output_names, results, strict=True))
 
+    @property
+    def has_wide_lane(self) -> bool:
+        return self._wide is not None
+
     def close(self) -> None:
         del self._session
         self._wide = None
@@ -315,6 +324,10 @@ class TfliteRuntime:
         interp.invoke()
         # get_tensor copies, so the result outlives the interpreter's next use.
         return {name: interp.get_tensor(index) for name, index in self._outputs}
+
+    @property
+    def has_wide_lane(self) -> bool:
+        return self._wide is not None
 
     def close(self) -> None:
         with self._lock:

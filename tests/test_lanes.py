@@ -64,6 +64,7 @@ async def test_a_lone_request_takes_the_wide_lane_and_concurrent_ones_do_not(
         tiny_yolov3_onnx(folder / "model.onnx")
         (folder / "labels.txt").write_text(SSD_LABELS + "".join(f"c{i}\n" for i in range(80)))
     await engine.swap(await engine.load(folder))
+    assert engine.active is not None and engine.active.runtime.has_wide_lane
     lanes = _record_lanes(engine)
 
     alone = await engine.detect(photo, threshold=0.0)
@@ -91,7 +92,7 @@ async def test_without_the_wide_lane_every_call_shares_the_cores(photo: bytes, m
         await engine.swap(await engine.load(BUNDLED))
         model = engine.active
         assert model is not None
-        assert getattr(model.runtime, "_wide") is None  # no interpreter made for it: its memory is saved
+        assert not model.runtime.has_wide_lane  # no interpreter made for it: its memory is saved
         result = await engine.detect(photo)
         assert [d["label"] for d in result.detections] == ["face"]
     finally:
