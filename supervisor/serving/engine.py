@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import structlog
@@ -33,6 +33,7 @@ from supervisor.serving.membudget import BudgetExceeded, BudgetTimeout, MemoryBu
 __all__ = ["DetectResult", "Engine"]
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -85,6 +86,11 @@ class Engine:
         # inference pool a model load took one of the workers for its whole duration, and at the
         # same priority it still competed with requests for the cores (p99 during swaps).
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="load", initializer=_lower_priority)
+        # Multi-threaded runtimes (the wide lane) are made here instead, at normal priority, because
+        # their intra-op threads inherit the priority of the thread that makes them (runtimes.py,
+        # open_runtime). Its thread is started now, from this (normal) thread, not lazily from the loader.
+        self.lanes = ThreadPoolExecutor(1, thread_name_prefix="lanes")
+        self.lanes.submit(lambda: None).result()
         self._active: LoadedModel | None = None
         # Called (on the loop) with the model whose requests keep failing right after activation.
         self.on_failure_streak: Callable[[LoadedModel, int], None] | None = None
@@ -112,7 +118,10 @@ class Engine:
         hashes: Mapping[str, str] | None,
     ) -> LoadedModel:
         return load_and_warm(folder, self.default_threshold, self.runtime_threads, manifest, self.workers, key,
-                             hashes, self.wide_threads)
+                             hashes, self.wide_threads, self._at_normal_priority)
+
+    def _at_normal_priority(self, make: Callable[[], _T]) -> _T:
+        return self.lanes.submit(make).result()
 
     async def swap(self, model: LoadedModel) -> LoadedModel | None:
         """Make ``model`` active; the old one is closed once its in-flight requests finish (now, if
@@ -249,4 +258,5 @@ class Engine:
 
     def shutdown(self) -> None:
         self.loader.shutdown(wait=True, cancel_futures=True)
+        self.lanes.shutdown(wait=True, cancel_futures=True)
         self.executor.shutdown(wait=True, cancel_futures=True)

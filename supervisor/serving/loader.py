@@ -19,7 +19,7 @@ from PIL import Image
 
 from handlers.base import Handler, HandlerMismatch, OptionsRejected, choose_handler
 from handlers.onnx_external import ModelFormatError, external_data_locations
-from handlers.runtimes import ModelLoadError, Runtime, open_runtime
+from handlers.runtimes import ModelLoadError, Runtime, Spawn, open_runtime
 from supervisor.errors import ModelInvalid
 from supervisor.package.manifest import options_error
 from supervisor.package.paths import member_path
@@ -90,6 +90,7 @@ def load_model(
     key: tuple[str, str] | None = None,
     hashes: Mapping[str, str] | None = None,
     wide_threads: int = 0,
+    spawn: Spawn[Any] | None = None,
 ) -> LoadedModel:
     """Load a version folder: manifest, labels, runtime, handler; checks that they fit together.
 
@@ -102,7 +103,7 @@ def load_model(
         checked = not manifest.model_file.lower().endswith(".onnx") or _check_external_data(folder, manifest.model_file)
         known = dict(manifest.hashes or hashes or {})
         runtime = open_runtime(folder / manifest.model_file, runtime_threads, workers, _content_key(known),
-                               wide_threads)
+                               wide_threads, **({"spawn": spawn} if spawn is not None else {}))
         if not checked:
             runtime.close()
             raise PackageError(f"{manifest.model_file} is not an ONNX model this service can check")
@@ -166,12 +167,13 @@ def load_and_warm(
     key: tuple[str, str] | None = None,
     hashes: Mapping[str, str] | None = None,
     wide_threads: int = 0,
+    spawn: Spawn[Any] | None = None,
 ) -> LoadedModel:
     """``load_model``, then a blank image through the whole path (the engine, ``edgeloader verify``).
 
     The warm-up catches output shapes a handler cannot decode and pays the runtime's first-call
     cost before real requests arrive. Blocking; raises ModelInvalid with the reason."""
-    model = load_model(folder, default_threshold, runtime_threads, manifest, workers, key, hashes, wide_threads)
+    model = load_model(folder, default_threshold, runtime_threads, manifest, workers, key, hashes, wide_threads, spawn)
     try:
         w, h = model.handler.input_size
         blank = Image.new("RGB", (max(w, 1), max(h, 1)), (114, 114, 114))
