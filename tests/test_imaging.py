@@ -9,7 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from handlers.imaging import (
     ImageDecodeError,
@@ -205,3 +205,33 @@ def test_stretch_to_raw_uint8() -> None:
     assert tensor.dtype == np.uint8 and tensor.shape == (1, 300, 300, 3)
     assert geo == Letterbox((300, 300), (300, 300), (0, 0))
     np.testing.assert_array_equal(tensor[0], np.asarray(image.resize((300, 300), Image.Resampling.BILINEAR)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillows_own_transpose(orientation: int) -> None:
+    pixels = np.asarray(gradient(64, 48))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(pixels), "JPEG", exif=exif.tobytes(), quality=95)
+    image, original = decode_image(data, None, MAX)
+    with Image.open(io.BytesIO(data)) as reference:
+        expected = ImageOps.exif_transpose(reference.convert("RGB"))
+    assert image.size == original == expected.size
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_jpegs_scale_in_eighths_not_only_halves() -> None:
+    # Pillow's draft mode can only halve: a 640x480 photo for a 300x300 model stayed 640x480.
+    # libjpeg-turbo scales by any M/8: 5/8 gives 400x300, the least work that keeps the target.
+    data = encode(gradient(640, 480), "JPEG", quality=90)
+    image, original = decode_image(data, (300, 300), MAX)
+    assert original == (640, 480)
+    assert image.size == (400, 300)
+    reference = np.asarray(gradient(640, 480).resize((400, 300), Image.Resampling.BILINEAR), np.float32)
+    assert np.abs(np.asarray(image, np.float32) - reference).mean() < 4.0
+
+
+def test_cmyk_jpeg_still_decodes() -> None:
+    data = encode(gradient(64, 48).convert("CMYK"), "JPEG", quality=95)
+    image, original = decode_image(data, (32, 32), MAX)
+    assert image.mode == "RGB" and original == (64, 48)
