@@ -116,12 +116,18 @@ def weighted_nms(
 
 
 def to_detections(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray | int) -> list[Detection]:
-    """Normalised xyxy boxes -> clipped ``Detection`` list sorted best first."""
+    """Normalised xyxy boxes -> clipped ``Detection`` list sorted best first.
+
+    Boxes with no area left after clipping (one lying wholly in the letterbox padding or outside
+    the image, an inverted or non-finite one) are dropped: they show nothing."""
     if len(scores) == 0:
         return []
     clipped = clip01(np.asarray(boxes, dtype=np.float64))
+    scores = np.asarray(scores)
     cls = np.broadcast_to(np.asarray(classes), scores.shape)
+    seen = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     return [
         Detection(int(cls[i]), float(scores[i]), tuple(clipped[i].tolist()))  # type: ignore[arg-type]
-        for i in _by_score(np.asarray(scores))
+        for i in _by_score(scores)
+        if seen[i]
     ]
