@@ -52,6 +52,8 @@ NmsMode = Literal["per-class", "agnostic", "none"]
 
 def head_of(d1: int | None, d2: int | None, metadata: ModelMetadata) -> Head | None:
     """The output layout of an output [1, d1, d2]; None when the dims do not say (dynamic, square)."""
+    if d1 is not None and d2 is None and metadata.names and d1 == 4 + len(metadata.names):
+        return "v8"  # a dynamic=True export: [1, 4+C, anchors], C told by the names
     if d1 is None or d2 is None or d1 == d2:
         return None
     if d1 < d2:
