@@ -70,6 +70,9 @@ def test_mean_and_std_are_in_pixel_units_per_channel(tmp_path: Path, layout: str
            mean0=(200 - 100) / 50, mean1=(50 - 20) / 30, mean2=(10 - 5) / 2.5)
     approx(probe(tmp_path, (64, 64), layout, mean=[5, 20, 100], std=[2.5, 30, 50], pixel_format="bgr"),
            mean0=(10 - 5) / 2.5, mean1=(50 - 20) / 30, mean2=(200 - 100) / 50)
+    # The letterbox band is the pad pixel through the same per-channel mean/std.
+    approx(probe(tmp_path, (64, 32), layout, mean=[100, 20, 5], std=[50, 30, 2.5]),
+           top0=((114 - 100) / 50 + (200 - 100) / 50) / 2, mean2=((114 - 5) / 2.5 + (10 - 5) / 2.5) / 2)
     # Only one given: the other is 0 (mean) or 1 (std); one number means every channel.
     approx(probe(tmp_path, (64, 64), layout, mean=[0, 0, 5]), mean0=200, mean1=50, mean2=5)
     approx(probe(tmp_path, (64, 64), layout, std=100), mean0=2.0, mean1=0.5, mean2=0.1)
