@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 from pydantic import ValidationError
 
+from handlers.metadata import ModelMetadata, parse_metadata
 from handlers.options import HandlerOptions
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Signature",
     "TensorSpec",
     "choose_handler",
+    "model_metadata",
     "register",
 ]
 
@@ -56,7 +58,7 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     # Extra runtime facts a handler may need (e.g. TFLite quantization per input name:
-    # {"quantization": {"input": (scale, zero_point)}}).
+    # {"quantization": {"input": (scale, zero_point)}}; ONNX metadata_props: {"metadata": {key: value}}).
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def output(self, name: str) -> TensorSpec | None:
@@ -79,6 +81,12 @@ class Prepared:
     feeds: dict[str, np.ndarray]
     image_size: tuple[int, int]  # original (width, height)
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def model_metadata(signature: Signature) -> ModelMetadata:
+    """What the model file says about itself (names, export size, task), typed."""
+    props = signature.extra.get("metadata")
+    return parse_metadata(props) if isinstance(props, Mapping) else ModelMetadata()
 
 
 class HandlerMismatch(Exception):
@@ -106,11 +114,16 @@ class Handler(ABC):
     description: ClassVar[str] = ""
     # What model.json's handler_options may say to this family (unknown keys are refused).
     options_model: ClassVar[type[HandlerOptions]] = HandlerOptions
+    # The tasks a model's metadata may name for this family to run it (Ultralytics: detect, segment,
+    # classify, pose, obb). A model whose metadata names none of any family's is refused by name.
+    tasks: ClassVar[frozenset[str]] = frozenset({"detect"})
 
     def __init__(self, signature: Signature, options: Mapping[str, Any] | HandlerOptions | None = None) -> None:
-        """Raises pydantic's ValidationError when ``options`` do not fit ``options_model``."""
+        """Raises pydantic's ValidationError when ``options`` do not fit ``options_model``, and
+        HandlerMismatch when they do not fit the model."""
         self.signature = signature
         self.options = self.parse_options(options)
+        self.metadata = model_metadata(signature)
 
     @classmethod
     def parse_options(cls, options: Mapping[str, Any] | HandlerOptions | None) -> HandlerOptions:
@@ -135,6 +148,12 @@ class Handler(ABC):
     def num_classes(self) -> int | None:
         """How many classes the outputs can name (to check the labels file); None if unknown."""
         return None
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        """Class names the model file carries (its metadata); None when it carries none. A labels
+        file in the package beats them."""
+        return self.metadata.names
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> Prepared:
@@ -180,14 +199,19 @@ def choose_handler(
     """The handler for a model: the named one (checked), else the single family that matches."""
     import handlers  # noqa: F401  (importing the package registers every family)
 
+    task = model_metadata(signature).task
+    if task is not None and not any(task in cls.tasks for cls in REGISTRY.values()):
+        raise HandlerMismatch(_task_refusal(task))
     if name:
         cls = REGISTRY.get(name)
         if cls is None:
             raise HandlerMismatch(f"unknown handler {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        if task is not None and task not in cls.tasks:
+            raise HandlerMismatch(f"handler {name!r} does not run {task!r} models (the task in the model's metadata)")
         if not cls.matches(signature):
             raise HandlerMismatch(f"handler {name!r} does not fit the model: {describe(signature)}")
         return _make(cls, signature, options)
-    fits = [cls for cls in REGISTRY.values() if cls.matches(signature)]
+    fits = [cls for cls in REGISTRY.values() if (task is None or task in cls.tasks) and cls.matches(signature)]
     if not fits:
         # The action first: a reason shown in the twin is cut at ~200 characters, the signature may be long.
         raise HandlerMismatch(
@@ -199,6 +223,24 @@ def choose_handler(
             f"several handlers match ({', '.join(c.name for c in fits)}); name one in model.json"
         )
     return _make(fits[0], signature, options)
+
+
+# What Ultralytics' task names mean, for a refusal a user understands.
+_TASKS = {
+    "segment": "an instance segmentation model",
+    "pose": "a pose (keypoint) model",
+    "obb": "an oriented-box (OBB) model",
+    "classify": "an image classifier",
+}
+
+
+def _task_refusal(task: str) -> str:
+    what = _TASKS.get(task, "not a detection model")
+    if task == "classify":
+        return (f"the model is {what} (task 'classify' in its metadata): classification models are not "
+                "served yet; export a detection model (task 'detect')")
+    return (f"the model is {what} (task {task!r} in its metadata); only detection models (task 'detect') are "
+            "served: export one with task 'detect'")
 
 
 def _make(cls: type[Handler], signature: Signature, options: Mapping[str, Any] | HandlerOptions | None) -> Handler:

@@ -116,12 +116,19 @@ def weighted_nms(
 
 
 def to_detections(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray | int) -> list[Detection]:
-    """Normalised xyxy boxes -> clipped ``Detection`` list sorted best first."""
+    """Normalised xyxy boxes -> clipped ``Detection`` list sorted best first.
+
+    Boxes with no area left after clipping (one lying wholly in the letterbox padding or outside
+    the image, an inverted or non-finite one) are dropped: they show nothing."""
     if len(scores) == 0:
         return []
-    clipped = clip01(np.asarray(boxes, dtype=np.float64))
-    cls = np.broadcast_to(np.asarray(classes), scores.shape)
+    rows = clip01(np.asarray(boxes, dtype=np.float64)).tolist()
+    scores = np.asarray(scores)
+    ids = np.broadcast_to(np.asarray(classes), scores.shape).tolist()
+    values = scores.tolist()
+    # Plain floats from here: for the handful of boxes a request returns, cheaper than numpy per item.
     return [
-        Detection(int(cls[i]), float(scores[i]), tuple(clipped[i].tolist()))  # type: ignore[arg-type]
-        for i in _by_score(np.asarray(scores))
+        Detection(int(ids[i]), float(values[i]), (b[0], b[1], b[2], b[3]))
+        for i in _by_score(scores).tolist()
+        if (b := rows[i])[2] > b[0] and b[3] > b[1]
     ]

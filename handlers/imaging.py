@@ -21,6 +21,7 @@ __all__ = [
     "ImageDecodeError",
     "ImageTooLarge",
     "Letterbox",
+    "PadPosition",
     "PixelScale",
     "UnsupportedImageType",
     "decode_image",
@@ -208,34 +209,72 @@ class Letterbox:
         return out
 
 
-def letterbox_geometry(image_size: tuple[int, int], input_size: tuple[int, int]) -> Letterbox:
-    """Centred letterbox of an image into the input, keeping aspect ratio."""
+PadPosition = Literal["centre", "bottom-right"]
+
+
+def letterbox_geometry(
+    image_size: tuple[int, int], input_size: tuple[int, int], pad_position: PadPosition = "centre"
+) -> Letterbox:
+    """Letterbox of an image into the input, keeping aspect ratio: centred (the padding split on
+    both sides, the odd pixel right and below, as Ultralytics does) or in the top-left corner
+    (all the padding right and below)."""
     cw, ch = fit_size(image_size, input_size)
     iw, ih = input_size
-    return Letterbox(input_size, (cw, ch), ((iw - cw) // 2, (ih - ch) // 2))
+    offset = ((iw - cw) // 2, (ih - ch) // 2) if pad_position == "centre" else (0, 0)
+    return Letterbox(input_size, (cw, ch), offset)
+
+
+Channels3 = tuple[float, float, float]
 
 
 @dataclass(frozen=True)
 class PixelScale:
-    """Tensor value = pixel * ``scale`` + ``offset`` (float32)."""
+    """Tensor value = pixel * ``scale`` + ``offset`` (float32), one number for every channel or one
+    per channel (in the order of the tensor's channels)."""
 
-    scale: float
-    offset: float = 0.0
+    scale: float | Channels3
+    offset: float | Channels3 = 0.0
 
     @classmethod
     def to_range(cls, low: float, high: float) -> PixelScale:
         """Map pixel values 0..255 linearly onto [low, high]."""
         return cls((high - low) / 255.0, low)
 
-    def apply(self, pixels: np.ndarray, out: np.ndarray) -> None:
-        # Written straight into the (strided) output: about 3x faster than a lookup-table gather
-        # and no temporary array.
-        np.multiply(pixels, np.float32(self.scale), out=out, dtype=np.float32)
-        if self.offset:
-            np.add(out, np.float32(self.offset), out=out)
+    @classmethod
+    def mean_std(cls, mean: Channels3, std: Channels3) -> PixelScale:
+        """(pixel - mean) / std per channel, mean and std in pixel units."""
+        return cls((1 / std[0], 1 / std[1], 1 / std[2]), (-mean[0] / std[0], -mean[1] / std[1], -mean[2] / std[2]))
+
+    @property
+    def per_channel(self) -> bool:
+        return isinstance(self.scale, tuple) or isinstance(self.offset, tuple)
+
+    def _column(self, value: float | Channels3, ndim: int, channel_axis: int) -> np.ndarray:
+        shape = [1] * ndim
+        shape[channel_axis] = 3
+        return np.broadcast_to(np.asarray(value, np.float32), (3,)).reshape(shape)
+
+    def apply(self, pixels: np.ndarray, out: np.ndarray, channel_axis: int = -1) -> None:
+        if not isinstance(self.scale, tuple) and not isinstance(self.offset, tuple):
+            # Written straight into the (strided) output: about 3x faster than a lookup-table gather
+            # and no temporary array.
+            np.multiply(pixels, np.float32(self.scale), out=out, dtype=np.float32)
+            if self.offset:
+                np.add(out, np.float32(self.offset), out=out)
+            return
+        np.multiply(pixels, self._column(self.scale, out.ndim, channel_axis), out=out, dtype=np.float32)
+        np.add(out, self._column(self.offset, out.ndim, channel_axis), out=out)
 
     def value(self, pixel: int) -> float:
+        """The tensor value of ``pixel`` (a scale with one number for every channel)."""
+        if isinstance(self.scale, tuple) or isinstance(self.offset, tuple):
+            raise ValueError("a per-channel scale has one value per channel: use values()")
         return float(np.float32(pixel) * np.float32(self.scale) + np.float32(self.offset))
+
+    def values(self, pixel: int) -> np.ndarray:
+        """The tensor value of ``pixel`` per channel, shape (3,)."""
+        scale = np.broadcast_to(np.asarray(self.scale, np.float32), (3,))
+        return np.float32(pixel) * scale + np.broadcast_to(np.asarray(self.offset, np.float32), (3,))
 
 
 def image_to_tensor(
@@ -246,17 +285,19 @@ def image_to_tensor(
     layout: Literal["NHWC", "NCHW"] = "NHWC",
     keep_aspect: bool = True,
     fill: int = 0,
+    bgr: bool = False,
+    pad_position: PadPosition = "centre",
 ) -> tuple[np.ndarray, Letterbox]:
     """Resize (bilinear) and pack an RGB image into a batch-of-one tensor.
 
     ``scale`` maps pixels to float32 tensor values; ``None`` keeps raw uint8 pixels. With
-    ``keep_aspect`` the image is letterboxed (centred, padded with pixel value ``fill``);
-    otherwise stretched to the input size. The returned ``Letterbox`` maps boxes in input
-    pixels back to the image.
+    ``keep_aspect`` the image is letterboxed (placed as ``pad_position`` says, padded with pixel
+    value ``fill``); otherwise stretched to the input size. ``bgr`` reverses the channels. The
+    returned ``Letterbox`` maps boxes in input pixels back to the image.
     """
     iw, ih = input_size
     geo = (
-        letterbox_geometry(image.size, input_size)
+        letterbox_geometry(image.size, input_size, pad_position)
         if keep_aspect
         else Letterbox(input_size, input_size, (0, 0))
     )
@@ -268,11 +309,19 @@ def image_to_tensor(
         image if image.size == (cw, ch) else image.resize((cw, ch), Image.Resampling.BILINEAR, reducing_gap=3.0)
     )
     pixels = np.asarray(resized)  # (ch, cw, 3) uint8, read-only view of Pillow's buffer
-    shape = (1, ih, iw, 3) if layout == "NHWC" else (1, 3, ih, iw)
+    if bgr:
+        pixels = pixels[..., ::-1]  # a view: the copy into the tensor below does the reordering
+    nhwc = layout == "NHWC"
+    shape = (1, ih, iw, 3) if nhwc else (1, 3, ih, iw)
     out = np.empty(shape, dtype=np.uint8 if scale is None else np.float32)
     if (cw, ch) != (iw, ih):
-        out.fill(fill if scale is None else scale.value(fill))
-    if layout == "NHWC":
+        if scale is None:
+            out.fill(fill)
+        elif not scale.per_channel:
+            out.fill(scale.value(fill))
+        else:
+            out[...] = scale.values(fill).reshape((1, 1, 1, 3) if nhwc else (1, 3, 1, 1))
+    if nhwc:
         region = out[0, top : top + ch, left : left + cw, :]
         src = pixels
     else:
@@ -281,5 +330,5 @@ def image_to_tensor(
     if scale is None:
         region[...] = src
     else:
-        scale.apply(src, region)
+        scale.apply(src, region, channel_axis=-1 if nhwc else 0)
     return out, geo

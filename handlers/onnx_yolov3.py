@@ -6,6 +6,10 @@ Inputs: ``input_1`` [1,3,416,416] float (image letterboxed on gray 128, /255) an
 ``image_shape``; ``scores`` are [1,C,N]; ``indices`` list the kept (batch, class, box) triples,
 [1,M,3] in tiny-yolov3-11 and [M,3] in yolov3-10. Output names differ between the two
 releases, so outputs are told apart by dtype and shape.
+
+Because the graph itself undoes a centred letterbox, this family takes the preprocessing options
+that keep that geometry (pixel_format, layout, mean/std, pad_value) and refuses resize and
+pad_position by name.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from PIL import Image
 
 from handlers.base import Detection, Handler, Prepared, Signature, TensorSpec, register
 from handlers.boxes import to_detections, yxyx_to_xyxy
-from handlers.imaging import PixelScale, image_to_tensor
-from handlers.options import HandlerOptions, SizedOptions
+from handlers.imaging import PixelScale
+from handlers.options import HandlerOptions, PreprocessOptions
+from handlers.preprocess import input_layout, input_size, preprocess_plan
 
 __all__ = ["OnnxYoloV3"]
 
@@ -33,7 +38,7 @@ def _roles(signature: Signature) -> tuple[TensorSpec, TensorSpec, TensorSpec, Te
     """(image, image_shape, boxes, scores, indices) specs, or None if the signature differs."""
     if signature.format != "onnx" or len(signature.inputs) != 2 or len(signature.outputs) != 3:
         return None
-    images = [i for i in signature.inputs if i.rank == 4 and i.shape[1] in (3, None)]
+    images = [i for i in signature.inputs if i.rank == 4 and (i.shape[1] in (3, None) or i.shape[3] == 3)]
     shapes = [i for i in signature.inputs if i.rank == 2 and i.shape[-1] in (2, None)]
     if len(images) != 1 or len(shapes) != 1 or images[0] is shapes[0]:
         return None
@@ -52,8 +57,8 @@ def _roles(signature: Signature) -> tuple[TensorSpec, TensorSpec, TensorSpec, Te
 class OnnxYoloV3(Handler):
     name = "onnx_yolov3"
     description = "ONNX model zoo YOLOv3 / tiny-YOLOv3 (image + image_shape in, NMS indices out)"
-    options_model = SizedOptions
-    options: SizedOptions
+    options_model = PreprocessOptions
+    options: PreprocessOptions
 
     def __init__(self, signature: Signature, options: Mapping[str, Any] | HandlerOptions | None = None) -> None:
         super().__init__(signature, options)
@@ -64,8 +69,9 @@ class OnnxYoloV3(Handler):
         self._image, self._shape = image.name, shape.name
         self._boxes, self._scores, self._indices = boxes.name, scores.name, indices.name
         self._classes = scores.shape[1]
-        h, w = image.shape[2], image.shape[3]
-        self._size: tuple[int, int] = self.options.input_size or ((w, h) if w and h else (416, 416))
+        layout = input_layout(image, self.options.layout, "NCHW")
+        size = input_size(self.options, image, layout, self.metadata, (416, 416))
+        self._prep = preprocess_plan(self.options, image, size, layout, scale=_SCALE, resize="letterbox", fill=_FILL)
 
     @classmethod
     def matches(cls, signature: Signature) -> bool:
@@ -73,14 +79,14 @@ class OnnxYoloV3(Handler):
 
     @property
     def input_size(self) -> tuple[int, int]:
-        return self._size
+        return self._prep.size
 
     @property
     def num_classes(self) -> int | None:
         return self._classes
 
     def preprocess(self, image: Image.Image) -> Prepared:
-        tensor, _ = image_to_tensor(image, self._size, scale=_SCALE, layout="NCHW", fill=_FILL)
+        tensor, _ = self._prep(image)
         w, h = image.size
         shape = np.array([[h, w]], dtype=np.float32)
         return Prepared({self._image: tensor, self._shape: shape}, image.size)

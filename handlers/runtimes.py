@@ -86,7 +86,6 @@ _ORT_TYPES = {
 }
 
 
-
 class OnnxRuntime:
     """One shared onnxruntime session, loaded through a per-device cache of the optimised model.
 
@@ -153,6 +152,8 @@ class OnnxRuntime:
                 TensorSpec(o.name, tuple(_dim(d) for d in o.shape), _ORT_TYPES.get(o.type, o.type))
                 for o in self._session.get_outputs()
             ),
+            # What the exporter wrote about the model (Ultralytics: names, imgsz, task, stride).
+            extra={"metadata": dict(self._session.get_modelmeta().custom_metadata_map)},
         )
         self._output_names = [o.name for o in self.signature.outputs]
 

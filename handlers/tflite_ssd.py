@@ -4,7 +4,8 @@
 Model Maker, EfficientDet-Lite) and ONNX (zoo ssd_mobilenet_v1) variants share: finding which
 output is which, and turning them into detections. Boxes come out as (ymin, xmin, ymax, xmax)
 normalised to the input tensor; SSD models are trained on plain (stretched) resizes, so they are
-normalised to the image as well.
+normalised to the image as well (with ``"resize": "letterbox"`` they are mapped back through the
+letterbox).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from handlers.base import Detection, Handler, Prepared, Signature, TensorSpec, register
+from handlers.base import Detection, Handler, HandlerMismatch, Prepared, Signature, TensorSpec, register
 from handlers.boxes import to_detections, yxyx_to_xyxy
-from handlers.imaging import PixelScale, image_to_tensor
-from handlers.options import HandlerOptions, Number, SizedOptions
+from handlers.imaging import Letterbox, PixelScale
+from handlers.options import HandlerOptions, Number, ResizeOptions
+from handlers.preprocess import input_layout, input_size, preprocess_plan
 
 __all__ = ["PostProcessedSsd", "TfliteSsd", "TfliteSsdOptions"]
 
@@ -34,11 +36,12 @@ def ssd_outputs_fit(outputs: tuple[TensorSpec, ...]) -> bool:
 
 
 def image_input(signature: Signature, dtypes: tuple[str, ...]) -> TensorSpec | None:
-    """The single NHWC RGB input of one of ``dtypes``, if that is what the model takes."""
+    """The single RGB input (NHWC, or NCHW when its shape says so) of one of ``dtypes``, if that is
+    what the model takes."""
     if len(signature.inputs) != 1:
         return None
     spec = signature.inputs[0]
-    if spec.rank != 4 or spec.shape[0] not in (1, None) or spec.shape[3] != 3:
+    if spec.rank != 4 or spec.shape[0] not in (1, None) or 3 not in (spec.shape[1], spec.shape[3]):
         return None
     return spec if spec.dtype in dtypes else None
 
@@ -49,16 +52,17 @@ class PostProcessedSsd(Handler):
     input_dtypes: ClassVar[tuple[str, ...]] = ("uint8",)
     # Size to feed when the model's input height/width are dynamic.
     default_size: ClassVar[tuple[int, int]] = (300, 300)
-    options_model: ClassVar[type[HandlerOptions]] = SizedOptions
-    options: SizedOptions
+    options_model: ClassVar[type[HandlerOptions]] = ResizeOptions
+    options: ResizeOptions
 
     def __init__(self, signature: Signature, options: Mapping[str, Any] | HandlerOptions | None = None) -> None:
         super().__init__(signature, options)
         spec = signature.inputs[0]
         self._input = spec.name
-        h, w = spec.shape[1], spec.shape[2]
-        self._size: tuple[int, int] = self.options.input_size or ((w, h) if w and h else self.default_size)
-        self._scale = self._input_scale(spec)
+        layout = input_layout(spec, self.options.layout, "NHWC")
+        size = input_size(self.options, spec, layout, self.metadata, self.default_size)
+        self._prep = preprocess_plan(self.options, spec, size, layout, scale=self._input_scale(spec),
+                                     resize="stretch", fill=0)
         self._int8 = spec.dtype == "int8"
         by_rank: dict[int, list[str]] = {}
         for o in signature.outputs:
@@ -81,15 +85,15 @@ class PostProcessedSsd(Handler):
 
     @property
     def input_size(self) -> tuple[int, int]:
-        return self._size
+        return self._prep.size
 
     def preprocess(self, image: Image.Image) -> Prepared:
-        tensor, _ = image_to_tensor(image, self._size, scale=self._scale, keep_aspect=False)
+        tensor, geo = self._prep(image)
         if self._int8:
             # int8 models take raw pixels shifted by the zero point: p ^ 0x80 read as int8 is p - 128.
             np.bitwise_xor(tensor, 0x80, out=tensor)
             tensor = tensor.view(np.int8)
-        return Prepared({self._input: tensor}, image.size)
+        return Prepared({self._input: tensor}, image.size, {"letterbox": geo})
 
     def _classes_and_scores(self, outputs: Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = (np.asarray(outputs[name], dtype=np.float32).reshape(-1)[:n] for name in self._pair)
@@ -113,7 +117,12 @@ class PostProcessedSsd(Handler):
         n = max(0, min(int(count[0]) if count.size else 0, boxes.shape[0]))
         classes, scores = self._classes_and_scores(outputs, n)
         keep = scores >= self.min_score
-        return to_detections(yxyx_to_xyxy(boxes[:n][keep]), scores[keep], classes[keep].astype(np.int64))
+        xyxy = yxyx_to_xyxy(boxes[:n][keep])
+        if self._prep.keep_aspect:  # normalised to the input: through the letterbox to the image
+            geo: Letterbox = prepared.meta["letterbox"]
+            w, h = self._prep.size
+            xyxy = geo.to_image(xyxy * np.array([w, h, w, h], np.float32))
+        return to_detections(xyxy, scores[keep], classes[keep].astype(np.int64))
 
 
 def _integral(x: np.ndarray) -> bool:
@@ -124,13 +133,14 @@ def _unit(x: np.ndarray) -> bool:
     return bool(np.all((x >= 0.0) & (x <= 1.0)))
 
 
-class TfliteSsdOptions(SizedOptions):
+class TfliteSsdOptions(ResizeOptions):
     """handler_options of ``tflite_ssd``."""
 
     forms: ClassVar[dict[str, str]] = {"input_range": "[low, high], two numbers, e.g. [-1, 1]"}
 
-    input_range: tuple[Number, Number] = (-1.0, 1.0)
-    """[low, high]: the values pixels 0..255 map onto, for float inputs (quantized inputs take raw pixels)."""
+    input_range: tuple[Number, Number] | None = None
+    """[low, high]: the values pixels 0..255 map onto, for float inputs (quantized inputs take raw pixels).
+    Default [-1, 1]; mean/std say the same per channel (give one or the other)."""
 
 
 @register
@@ -157,5 +167,7 @@ class TfliteSsd(PostProcessedSsd):
             # the input scale/zero point so that 0..255 lands on the range the float model was
             # trained on, whatever that range was. Normalising here would apply it twice.
             return None
-        low, high = self.options.input_range
+        if self.options.input_range is not None and (self.options.mean or self.options.std):
+            raise HandlerMismatch("handler_options: give input_range or mean/std, not both")
+        low, high = self.options.input_range or (-1.0, 1.0)
         return PixelScale.to_range(low, high)

@@ -8,13 +8,17 @@ check decoded boxes, ids and scores numerically. The image input is wired into t
 - ONNX (``onnx.helper``): zoo tiny-YOLOv3-11 / YOLOv3-10 (with a real NonMaxSuppression node that
   removes planted duplicates), zoo SSD-MobileNet (uint8 NHWC, padding rows past the count),
   YOLOv8 / YOLOv5 raw heads (with planted duplicates and sub-threshold noise for NMS).
+- Ultralytics exports (``metadata_props`` as their exporter writes them: ``ultralytics_metadata``):
+  YOLOv8-style heads with static or dynamic input, end-to-end [1, 300, 6] (YOLOv10, YOLO26) and
+  RT-DETR [1, 300, 4+C] outputs, and ``probe_onnx``, whose detections' scores are statistics of the
+  input tensor (so preprocessing choices are observable in what comes out).
 - TFLite (LiteRT flatbuffer object API): SSD with the real ``TFLite_Detection_PostProcess`` op,
   float or uint8-quantized input, outputs in op order or scrambled as TF2 converters leave them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import flatbuffers
@@ -46,14 +50,19 @@ YOLO_TRUTH: tuple[Truth, ...] = (
 )
 
 __all__ = [
+    "PROBE_FEATURES",
     "SSD_TRUTH",
     "UINT8_INPUT_QUANT",
     "YOLOV3_TRUTH",
     "YOLO_TRUTH",
     "Truth",
+    "end2end_onnx",
+    "probe_onnx",
+    "rtdetr_onnx",
     "ssd_mobilenet_onnx",
     "ssd_tflite",
     "tiny_yolov3_onnx",
+    "ultralytics_metadata",
     "unrelated_onnx",
     "yolov3_10_onnx",
     "yolov5_onnx",
@@ -63,9 +72,11 @@ __all__ = [
 _F = TensorProto.FLOAT
 
 
-def _save(graph: onnx.GraphProto, path: Path, opset: int) -> Path:
+def _save(graph: onnx.GraphProto, path: Path, opset: int, metadata: Mapping[str, str] | None = None) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="modelgen")
     model.ir_version = 7  # old enough for any onnxruntime this project supports
+    if metadata:
+        helper.set_model_props(model, dict(metadata))
     onnx.checker.check_model(model)
     path.write_bytes(model.SerializeToString())
     return path
@@ -186,25 +197,141 @@ def _yolo_rows(truth: Sequence[Truth], num_classes: int, count: int) -> np.ndarr
     return rows
 
 
-def _yolo_graph(path: Path, name: str, head: np.ndarray, size: int) -> Path:
+def _yolo_graph(
+    path: Path, name: str, head: np.ndarray, size: int, *, dynamic: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """One image input (``dynamic``: height and width named, as ``export(dynamic=True)`` leaves
+    them; the output's long axis too) and one output: the constant ``head``."""
     nodes: list[onnx.NodeProto] = []
     zero = _zero_of("images", nodes)
     nodes.append(helper.make_node("Add", ["head", zero], ["output0"]))
+    image_shape: list[int | str] = [1, 3, "height", "width"] if dynamic else [1, 3, size, size]
+    out_shape: list[int | str] = list(head.shape)
+    if dynamic and head.shape[1] < head.shape[2]:
+        out_shape[2] = "anchors"
     graph = helper.make_graph(
         nodes,
         name,
-        [helper.make_tensor_value_info("images", _F, [1, 3, size, size])],
-        [helper.make_tensor_value_info("output0", _F, list(head.shape))],
+        [helper.make_tensor_value_info("images", _F, image_shape)],
+        [helper.make_tensor_value_info("output0", _F, out_shape)],
         [_const("zero", np.float32(0.0)), _const("head", head)],
     )
-    return _save(graph, path, 13)
+    return _save(graph, path, 13, metadata)
+
+
+def ultralytics_metadata(
+    names: Sequence[str] | None = ("person", "bicycle", "car"),
+    imgsz: tuple[int, int] | None = (320, 320),
+    task: str | None = "detect",
+    stride: int | None = 32,
+    description: str = "Ultralytics YOLO11n model trained on coco.yaml",
+) -> dict[str, str]:
+    """``metadata_props`` as Ultralytics' exporter writes them: every value ``str()`` of a Python
+    object (names a dict literal, imgsz a list of height and width)."""
+    props = {
+        "description": description,
+        "author": "Ultralytics",
+        "date": "2025-01-01T00:00:00",
+        "version": "8.3.40",
+        "license": "AGPL-3.0 License (https://ultralytics.com/license)",
+        "docs": "https://docs.ultralytics.com",
+        "stride": None if stride is None else str(stride),
+        "task": task,
+        "batch": "1",
+        "imgsz": None if imgsz is None else str(list(imgsz)),
+        "names": None if names is None else str(dict(enumerate(names))),
+        "args": str({"batch": 1, "half": False, "dynamic": False, "nms": False}),
+        "channels": "3",
+    }
+    return {k: v for k, v in props.items() if v is not None}
 
 
 def yolov8_onnx(
-    path: Path, truth: Sequence[Truth] = YOLO_TRUTH, num_classes: int = 3, size: int = 320, anchors: int = 64
+    path: Path, truth: Sequence[Truth] = YOLO_TRUTH, num_classes: int = 3, size: int = 320, anchors: int = 64,
+    *, dynamic: bool = False, metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """YOLOv8 export: output [1, 4+C, N] (cx, cy, w, h, class scores) in input pixels."""
-    return _yolo_graph(path, "yolov8", _yolo_rows(truth, num_classes, anchors).T[None].copy(), size)
+    head = _yolo_rows(truth, num_classes, anchors).T[None].copy()
+    return _yolo_graph(path, "yolov8", head, size, dynamic=dynamic, metadata=metadata)
+
+
+def end2end_onnx(
+    path: Path, rows: Sequence[tuple[float, float, float, float, float, int]], size: int = 320, count: int = 300,
+    *, dynamic: bool = False, metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """YOLOv10 / YOLO26 end-to-end export: output [1, count, 6], rows (x1, y1, x2, y2, score, class)
+    in input pixels, best first, the rest zero (as the model pads its top-k)."""
+    head = np.zeros((1, count, 6), np.float32)
+    head[0, : len(rows)] = np.asarray(rows, np.float32).reshape(-1, 6)
+    return _yolo_graph(path, "yolo_end2end", head, size, dynamic=dynamic, metadata=metadata)
+
+
+def rtdetr_onnx(
+    path: Path, truth: Sequence[Truth], num_classes: int, size: int = 320, count: int = 300,
+    *, metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """RT-DETR export: output [1, count, 4+C], cx, cy, w, h normalised to the input, then C class
+    scores (already sigmoid); ``truth`` boxes are normalised xyxy. Each query also scores 0.02 for
+    another class, under the default cut-off."""
+    head = np.zeros((1, count, 4 + num_classes), np.float32)
+    for i, (cls, score, (x0, y0, x1, y1)) in enumerate(truth):
+        head[0, i, :4] = ((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0)
+        head[0, i, 4 + cls] = score
+        head[0, i, 4 + (cls + 1) % num_classes] = 0.02
+    return _yolo_graph(path, "rtdetr", head, size, metadata=metadata)
+
+
+# The statistics probe_onnx reports, by class id.
+PROBE_FEATURES = ("mean0", "mean1", "mean2", "top0", "left0")
+
+
+def probe_onnx(path: Path, size: int = 64, layout: str = "NCHW", anchors: int = 16) -> Path:
+    """A v8-style head whose class k scores, on anchor k only, a statistic of the input tensor
+    (``PROBE_FEATURES``): the mean of each channel as fed (0, 1, 2), and the mean of channel 0 over
+    the top half (3) and the left half (4) of the input. Every anchor's box is the centre quarter
+    of the input, so each statistic comes back as the score of the detection of its class."""
+    k = len(PROBE_FEATURES)
+    nchw = layout == "NCHW"
+    spatial = [2, 3] if nchw else [1, 2]
+    channel = 1 if nchw else 3
+    half = size // 2
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["channel_means"], axes=spatial, keepdims=0),
+        helper.make_node("Slice", ["images", "zero2", "top_end", "top_axes"], ["top"]),
+        helper.make_node("ReduceMean", ["top"], ["top_mean"], keepdims=0),
+        helper.make_node("Slice", ["images", "zero2", "top_end", "left_axes"], ["left"]),
+        helper.make_node("ReduceMean", ["left"], ["left_mean"], keepdims=0),
+        helper.make_node("Reshape", ["top_mean", "one_by_one"], ["top_2d"]),
+        helper.make_node("Reshape", ["left_mean", "one_by_one"], ["left_2d"]),
+        helper.make_node("Concat", ["channel_means", "top_2d", "left_2d"], ["features"], axis=1),
+        helper.make_node("Unsqueeze", ["features", "axis2"], ["features_3d"]),
+        helper.make_node("Mul", ["features_3d", "mask"], ["scores"]),
+        helper.make_node("Concat", ["boxes", "scores"], ["output0"], axis=1),
+    ]
+    boxes = np.zeros((1, 4, anchors), np.float32)
+    boxes[0, :, :k] = np.array([size / 2, size / 2, size / 2, size / 2], np.float32)[:, None]
+    mask = np.zeros((1, k, anchors), np.float32)
+    mask[0, np.arange(k), np.arange(k)] = 1.0
+    inits = [
+        _const("zero2", np.array([0, 0], np.int64)),
+        _const("top_end", np.array([1, half], np.int64)),  # channel 0 only, the first half of an axis
+        _const("top_axes", np.array([channel, 2 if nchw else 1], np.int64)),
+        _const("left_axes", np.array([channel, 3 if nchw else 2], np.int64)),
+        _const("one_by_one", np.array([1, 1], np.int64)),
+        _const("axis2", np.array([2], np.int64)),
+        _const("mask", mask),
+        _const("boxes", boxes),
+    ]
+    shape = [1, 3, size, size] if nchw else [1, size, size, 3]
+    graph = helper.make_graph(
+        nodes,
+        "probe",
+        [helper.make_tensor_value_info("images", _F, shape)],
+        [helper.make_tensor_value_info("output0", _F, [1, 4 + k, anchors])],
+        inits,
+    )
+    return _save(graph, path, 13)
 
 
 def yolov5_onnx(

@@ -10,6 +10,8 @@ The ONNX models are real models built with ``onnx.helper``, small enough to load
   one row as soon as the image is not uniform. The blank warm-up image passes; every real image
   makes onnxruntime fail (the kind of model only real traffic can unmask: auto-rollback).
 - ``no_handler_onnx``: an image classifier (one [1, 10] output): no detection handler fits.
+- ``pose_onnx``: an Ultralytics pose export ([1, 56, N] head, task 'pose' in its metadata): it would
+  decode as 52 classes of boxes, so its metadata's task refuses it.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 import zipfile
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import modelgen
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -38,6 +42,7 @@ __all__ = [
     "last",
     "no_handler_onnx",
     "package_files",
+    "pose_onnx",
     "ssd_files",
     "ssd_onnx",
     "states",
@@ -154,6 +159,14 @@ def no_handler_onnx() -> bytes:
     return model.SerializeToString()
 
 
+@cache
+def pose_onnx() -> bytes:
+    """An Ultralytics YOLOv8-pose export's shape: [1, 4 + 1 + 17 * 3, N], task 'pose'."""
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = modelgen.ultralytics_metadata(names=("person",), task="pose")
+        return modelgen.yolov8_onnx(Path(tmp) / "pose.onnx", (), num_classes=52, metadata=meta).read_bytes()
+
+
 # -- valid packages ------------------------------------------------------------------------------------
 
 
@@ -249,8 +262,8 @@ def _bad_checksum_files() -> dict[str, bytes]:
     return {**files, "model.json": json.dumps(meta).encode()}
 
 
-def _no_labels_files() -> dict[str, bytes]:
-    return package_files("nolabels", "1", "model.onnx", ssd_onnx(), None, handler="onnx_ssd")
+def _pose_files() -> dict[str, bytes]:
+    return package_files("pose", "1", "model.onnx", pose_onnx(), None)
 
 
 # name -> (file name in the drop folder, bytes, sidecars {suffix: text}, words the reason must hold)
@@ -273,7 +286,7 @@ BAD_PACKAGES: dict[str, tuple[str, Any, dict[str, str], tuple[str, ...]]] = {
         {}, ("cannot load", "model.onnx")),
     "no-handler": ("classifier.zip", lambda: zip_bytes(package_files(
         "classifier", "1", "model.onnx", no_handler_onnx(), "a\nb\n")), {}, ("no handler matches",)),
-    "missing-labels": ("nolabels.zip", lambda: zip_bytes(_no_labels_files()), {}, ("no labels",)),
+    "ultralytics-pose": ("pose.zip", lambda: zip_bytes(_pose_files()), {}, ("task 'pose'", "detection models")),
     "not-a-zip": ("notes.zip", lambda: b"These are my notes, not a model.\n" * 20, {}, ("not a valid zip",)),
     "empty-file": ("empty.zip", lambda: b"", {}, ("empty",)),
 }

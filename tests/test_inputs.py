@@ -47,7 +47,15 @@ def _folder(tmp_path: Path, **manifest: Any) -> Path:
     ({"handler_options": {"input_size": "320"}},
      ("handler_options.input_size must be a whole number of pixels or [width, height]", "'320' (text)")),
     ({"handler": "yolo", "handler_options": {"layout": "v9"}},
-     ("handler_options.layout must be 'v5' or 'v8', not 'v9'",)),
+     ("handler_options.layout must be 'nhwc' or 'nchw', not 'v9'",)),
+    ({"handler": "yolo", "handler_options": {"output_layout": "v9"}},
+     ("handler_options.output_layout must be 'v5', 'v8', 'end2end' or 'rtdetr', not 'v9'",)),
+    ({"handler": "yolo", "handler_options": {"pixel_fromat": "bgr"}},
+     ("unknown key 'pixel_fromat' in handler_options (handler yolo)", "did you mean 'pixel_format'?")),
+    ({"handler": "yolo", "handler_options": {"std": [58, 57, 0]}},
+     ("handler_options.std must be a number or three numbers above 0",)),
+    ({"handler": "onnx_yolov3", "handler_options": {"resize": "stretch"}},
+     ("unknown key 'resize' in handler_options (handler onnx_yolov3)",)),
     ({"handler": "tflite_ssd", "handler_options": {"input_range": [0]}},
      ("handler_options.input_range must be [low, high]",)),
 ])
@@ -113,9 +121,12 @@ def test_the_json_schema_checks_a_manifest_as_the_device_does() -> None:
     validator = jsonschema.Draft202012Validator(schema)
     bundled = json.loads((REPO / "supervisor" / "bundled" / "blazeface-short-range" / "model.json").read_text())
     assert not list(validator.iter_errors(bundled))
-    assert not list(validator.iter_errors({"handler": "yolo", "handler_options": {"input_size": 320, "layout": "v8"}}))
+    assert not list(validator.iter_errors({"handler": "yolo", "handler_options": {
+        "input_size": 320, "output_layout": "v8", "layout": "nchw", "mean": [0, 0, 0], "std": 255, "nms": "agnostic"}}))
     for bad in ({"activate": "false"}, {"min_scor": 1}, {"handler": "yolo", "handler_options": {"layout": "v9"}},
                 {"handler": "onnx_ssd", "handler_options": {"iou_threshold": 0.5}},
+                {"handler": "yolo", "handler_options": {"std": [1, 2]}},
+                {"handler": "onnx_yolov3", "handler_options": {"pad_position": "bottom-right"}},
                 {"handler_options": {"input_size": "320"}}):
         assert list(validator.iter_errors(bad)), bad
 

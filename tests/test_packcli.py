@@ -68,9 +68,9 @@ def test_pack_refuses_what_the_device_would(
 ) -> None:
     assert pack_main([str(model_dir), "-o", str(tmp_path / "x.zip"), "--handler", "yolo5"]) == 1
     assert "unknown handler 'yolo5'; did you mean 'yolo'?" in capsys.readouterr().err
-    (model_dir / "labels.txt").unlink()
+    (model_dir / "model.json").write_text('{"handler_options": {"pixel_fromat": "bgr"}}')
     assert pack_main([str(model_dir), "-o", str(tmp_path / "x.zip"), "--version", "1"]) == 1
-    assert "no labels" in capsys.readouterr().err
+    assert "did you mean 'pixel_format'?" in capsys.readouterr().err
     assert not (tmp_path / "x.zip").exists() and not (tmp_path / "x.zip.part").exists()
     assert pack_main([str(tmp_path / "missing"), "-o", str(tmp_path / "x.zip")]) == 2
     assert pack_main([str(model_dir), "-o", str(model_dir / "x.zip"), "--version", "1"]) == 2
@@ -86,6 +86,20 @@ async def test_a_packed_zip_dropped_with_its_sha256_becomes_active(
     await pipeline.process(out, source="inbox")
     assert engine.active is not None and (engine.active.info.name, engine.active.info.version) == ("my-detector", "3")
     assert events.history[-1].state == "active"
+
+
+def test_a_model_without_labels_packs_and_says_how_it_will_be_labelled(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (model_dir / "labels.txt").unlink()
+    assert pack_main([str(model_dir), "-o", str(tmp_path / "x.zip"), "--version", "1"]) == 0
+    capsys.readouterr()
+    assert verify_main([str(tmp_path / "x.zip")]) == 0
+    assert "labels    none: detections are labelled class_<id>" in capsys.readouterr().out
+    assert verify_main([str(tmp_path / "x.zip"), "--json"]) == 0
+    # The CLI leaves logging unconfigured: structlog's default prints the warning before the report.
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (report["labels"], report["labels_source"]) == (0, "none")
 
 
 def test_verify_a_good_package(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -230,6 +230,7 @@ def _report_valid(label: str, checked: Validated, start: float, as_json: bool) -
         "model_file": info.model_file,
         "model_sha256": info.model_sha256,
         "labels": len(info.labels),
+        "labels_source": info.labels_source,
         "files_checked": len(manifest.files),
         "activate": activate,
         "package_sha256": checked.sha256,
@@ -241,7 +242,11 @@ def _report_valid(label: str, checked: Validated, start: float, as_json: bool) -
     print(f"{label}: valid")
     print(f"  model     {info.name} {info.version} ({info.model_file}, handler {info.handler})")
     names = ", ".join(info.labels[:5]) + (", …" if len(info.labels) > 5 else "")
-    print(f"  labels    {len(info.labels)}: {names}")
+    if info.labels_source == "none":
+        print("  labels    none: detections are labelled class_<id> (add labels.txt to name them)")
+    else:
+        where = "" if info.labels_source == "file" else " (from the model file)"
+        print(f"  labels    {len(info.labels)}{where}: {names}")
     hashes = f"{len(manifest.files)} files match model.json" if manifest.files else "none listed in model.json"
     print(f"  hashes    {hashes}")
     print(f"  activates {'yes' if activate else 'no (stored only)'}")

@@ -42,6 +42,9 @@ class ModelInfo:
     model_sha256: str
     score_threshold: float
     labels: tuple[str, ...]
+    # Where the class names come from: "file" (the package's labels file), "model" (the model file's
+    # metadata: TFLite packed labels, Ultralytics names) or "none" (class_<id>).
+    labels_source: str = "file"
 
     def public(self) -> dict[str, Any]:
         return {
@@ -52,6 +55,7 @@ class ModelInfo:
             "sha256": self.model_sha256,
             "score_threshold": self.score_threshold,
             "labels": len(self.labels),
+            "labels_source": self.labels_source,
         }
 
 
@@ -69,7 +73,7 @@ class LoadedModel:
 
     def label(self, class_id: int) -> str:
         labels = self.info.labels
-        return labels[class_id] if 0 <= class_id < len(labels) else str(class_id)
+        return labels[class_id] if 0 <= class_id < len(labels) else f"class_{class_id}"
 
     def due_for_close(self) -> bool:
         """True once, when the model is retired and its last request has ended: the caller closes
@@ -96,6 +100,8 @@ def load_model(
 
     ``key``: the (name, version) a stored version has in the repository, for a package whose
     model.json does not say (otherwise the model would answer as its file name, version "1").
+    Class names: the package's labels file (named in model.json or found by name), else those the
+    model file carries (TFLite metadata, Ultralytics ``names``), else ``class_<id>`` with a warning.
     Blocking: call it in a worker thread. Raises ModelInvalid with the reason."""
     try:
         manifest = manifest or read_manifest(folder, *(key or (None, None)))
@@ -112,13 +118,23 @@ def load_model(
         raise ModelInvalid("model.json: " + options_error(exc.error, exc.model, exc.handler)) from exc
     except (PackageError, ModelLoadError, HandlerMismatch, OSError) as exc:
         raise ModelInvalid(user_reason(str(exc), None, folder)) from exc
-    if not labels:
-        raise ModelInvalid(
-            "no labels: add labels.txt (one class name per line) or name the labels file in model.json"
-        )
+    for problem in handler.metadata.problems:
+        log.warning("model_metadata_unreadable", model=manifest.name, version=manifest.version, problem=problem)
     expected = handler.num_classes
-    if expected is not None and len(labels) < expected:
-        raise ModelInvalid(f"labels file has {len(labels)} names but the model has {expected} classes")
+    source = "file" if manifest.labels_file else "model"
+    if labels and expected is not None and len(labels) < expected:
+        what = "labels file" if manifest.labels_file else "model's embedded labels"
+        raise ModelInvalid(f"{what} has {len(labels)} names but the model has {expected} classes")
+    if not labels and handler.labels:
+        labels = list(handler.labels)
+        if expected is not None and len(labels) < expected:
+            log.warning("model_names_short", model=manifest.name, version=manifest.version, names=len(labels),
+                        classes=expected, hint="the classes past them are named class_<id>")
+    if not labels:
+        source = "none"
+        log.warning("model_without_labels", model=manifest.name, version=manifest.version, classes=expected,
+                    hint="detections are labelled class_<id>; add labels.txt (one class name per line) "
+                         "or name the labels file in model.json")
     info = ModelInfo(
         name=manifest.name,
         version=manifest.version,
@@ -129,6 +145,7 @@ def load_model(
         model_sha256=known.get(manifest.model_file) or file_sha256(folder / manifest.model_file),
         score_threshold=manifest.score_threshold if manifest.score_threshold is not None else default_threshold,
         labels=tuple(labels),
+        labels_source=source,
     )
     return LoadedModel(info=info, runtime=runtime, handler=handler)
 
