@@ -51,7 +51,7 @@ from test_deployment import REPO, healthcheck_command, instructions, missing, pa
 PLATFORM = os.environ.get("EDGELOADER_IMAGE_PLATFORM", "linux/amd64")
 ARCH = PLATFORM.removeprefix("linux/")
 EDGE_ARCH = {"amd64": "amd64", "arm64": "arm64v8"}[ARCH]
-EMULATED = ARCH != {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine())
+EMULATED = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine()) != ARCH
 BASE_IMAGE = f"localhost/edge-model-loader-base:bookworm-{ARCH}"
 IMAGE = "localhost/edge-model-loader-test"
 DATA_DIR = "/iotedge/storage"

@@ -88,7 +88,9 @@ def test_rollout_from_a_twin_patch_file_is_the_same(
     assert from_patch["content"]["modulesContent"][MODULE]["properties.desired"]["ModelName"] == "faces"
 
 
-def test_the_layered_example_is_what_rollout_makes_of_the_twin_patch_example(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_layered_example_is_what_rollout_makes_of_the_twin_patch_example(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     example = json.loads(LAYERED.read_text())
     code, made, err = rollout(capsys, "--patch", str(TWIN_PATCH), "--target-condition", example["targetCondition"],
                               "--priority", str(example["priority"]), "--id", example["id"])
