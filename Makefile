@@ -20,6 +20,7 @@ help:
 	@echo "make test              set up, then ruff, mypy and pytest (installs mosquitto + Azurite for the twin tests)"
 	@echo "make bench             benchmarks (prints a table, writes bench/results.json)"
 	@echo "make image|push|deployment|lint   ship it as an IoT Edge module (see docs/deployment.md)"
+	@echo "make image-test[-arm64]  build the image from a debootstrapped base and run it (arm64: QEMU, ~10 min)"
 	@echo "make clean             remove the venv, test tools and build output (keeps $(DATA_DIR), the model repository)"
 	@echo "make clean-data        remove $(DATA_DIR): installed models, quarantine, drop folder"
 

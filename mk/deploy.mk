@@ -95,7 +95,7 @@ endif
 # The image built from a Debian bookworm base made here with debootstrap (Docker Hub not needed) and its
 # entrypoint run as uid 10001: health, a detection, a dropped model, a clean stop
 # (tests/test_container_image.py; `make test` runs the amd64 one).
-image-test: $(STAMP)
+image-test: $(STAMP) services
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/test_container_image.py
 
 # The same for linux/arm64 through QEMU user emulation: about 10 minutes, so not part of `make test`.
