@@ -8,28 +8,38 @@ BIN = $(VENV)/bin
 PORT ?= 8080
 HOST ?= 0.0.0.0
 DATA_DIR ?= ./var
-STAMP = $(VENV)/.installed
+# Two levels: what serving needs (`make run`: [project].dependencies only) and the development tools on
+# top (`make test`, lint, bench, deployment: the [dev] extra). STAMP is the development one.
+RUN_STAMP = $(VENV)/.installed-run
+STAMP = $(VENV)/.installed-dev
 
-.PHONY: help setup run test lint typecheck pytest bench clean clean-data services
+.PHONY: help setup setup-dev run test lint typecheck pytest bench clean clean-data services
 
 help:
-	@echo "make run [PORT=8080]   set up and serve the bundled default model (data in $(DATA_DIR))"
+	@echo "make run [PORT=8080]   set up (runtime dependencies only) and serve the bundled default model (data in $(DATA_DIR))"
 	@echo "make test              set up, then ruff, mypy and pytest (installs mosquitto + Azurite for the twin tests)"
 	@echo "make bench             benchmarks (prints a table, writes bench/results.json)"
 	@echo "make image|push|deployment|lint   ship it as an IoT Edge module (see docs/deployment.md)"
+	@echo "make image-test[-arm64]  build the image from a debootstrapped base and run it (arm64: QEMU, ~10 min)"
 	@echo "make clean             remove the venv, test tools and build output (keeps $(DATA_DIR), the model repository)"
 	@echo "make clean-data        remove $(DATA_DIR): installed models, quarantine, drop folder"
 
 # Re-install when the project's dependencies change.
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(RUN_STAMP)
 
-run: $(STAMP)
+setup-dev: $(STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/edgeloader serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
 services:

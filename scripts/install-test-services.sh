@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Install the real services the twin and download tests run against:
+# Install the real services and tools the tests run against:
 #   - mosquitto (Debian package): the MQTT broker behind the IoT Hub simulator;
-#   - Azurite 3.35.0 (npm, the official Azure Storage emulator) into .tools/node_modules.
-# Idempotent and quick when both are present. Nothing is started here: the tests start their own
+#   - Azurite 3.35.0 (npm, the official Azure Storage emulator) into .tools/node_modules;
+#   - podman, buildah and debootstrap (Debian packages): the container image test builds the image from a
+#     Debian base made with debootstrap and runs it (tests/test_container_image.py).
+# With --qemu also QEMU user emulation for arm64 (qemu-user-static, binfmt-support), registered with the
+# kernel: `make image-test-arm64` needs it, `make test` does not.
+# Idempotent and quick when all are present. Nothing is started here: the tests start their own
 # instances on loopback addresses and stop them.
 #
 # Azurite 3.35.0 is the last release that runs on Node 20 (3.37 needs Node >= 22).
 set -euo pipefail
+
+QEMU=no
+if [ "${1:-}" = "--qemu" ]; then QEMU=yes; fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$ROOT/.tools"
@@ -31,6 +38,46 @@ elif command -v apt-get >/dev/null; then
 else
     echo "install-test-services: no apt-get: install mosquitto yourself (e.g. brew install mosquitto)" >&2
     exit 1
+fi
+
+# -- Debian packages: apt-get install what is missing (an update first only if the install fails) --------
+apt_install() {
+    if ! command -v apt-get >/dev/null; then
+        echo "install-test-services: no apt-get: install $* yourself" >&2
+        return 1
+    fi
+    echo "$*: installing with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! as_root apt-get install -y --no-install-recommends "$@" >/dev/null 2>&1; then
+        as_root apt-get update -qq
+        as_root apt-get install -y --no-install-recommends "$@" >/dev/null
+    fi
+}
+
+# -- podman, buildah, debootstrap ----------------------------------------------------------------------
+missing_pkgs=()
+for tool in podman buildah debootstrap; do
+    command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing_pkgs+=("$tool")
+done
+if [ ${#missing_pkgs[@]} -eq 0 ]; then
+    echo "podman, buildah, debootstrap: present"
+else
+    apt_install "${missing_pkgs[@]}"
+fi
+
+# -- QEMU user emulation for arm64 (--qemu) -----------------------------------------------------------
+if [ "$QEMU" = yes ] && [ "$(uname -m)" != aarch64 ]; then
+    if ! [ -x /usr/bin/qemu-aarch64-static ] || ! command -v update-binfmts >/dev/null; then
+        apt_install qemu-user-static binfmt-support
+    fi
+    # Without systemd nothing registers the interpreters at boot: mount binfmt_misc and enable it here.
+    if ! [ -e /proc/sys/fs/binfmt_misc/register ]; then
+        as_root mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+    fi
+    if ! [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+        as_root update-binfmts --enable qemu-aarch64
+    fi
+    echo "qemu-aarch64: $(head -n 1 /proc/sys/fs/binfmt_misc/qemu-aarch64)"
 fi
 
 # -- Azurite ------------------------------------------------------------------------------------------

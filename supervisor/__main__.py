@@ -1,4 +1,4 @@
-"""The command line: ``edgeloader serve | pack | verify | twin-patch``."""
+"""The command line: ``edgeloader serve | pack | verify | twin-patch | rollout``."""
 
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "pack": "build a model package (zip with manifest and SHA-256 of each file) from a folder",
         "verify": "validate a model package without activating it",
         "twin-patch": "print the module-twin desired properties that point devices at a package",
+        "rollout": "write a layered IoT Edge deployment that rolls a package out to a group of devices",
     }
     if not argv or argv[0] in ("-h", "--help"):
         print(f"edgeloader {__version__}\n\nusage: edgeloader COMMAND [options]\n\ncommands:")
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         from supervisor.cli.twinpatch import main as twin_patch_main
 
         return twin_patch_main(rest)
+    if command == "rollout":
+        from supervisor.cli.rollout import main as rollout_main
+
+        return rollout_main(rest)
     print(f"edgeloader: unknown command {command!r}; try 'edgeloader --help'", file=sys.stderr)
     return 2
 

@@ -66,8 +66,24 @@ def jsonschema_module() -> Any:
 
 
 def parse_dockerfile(path: Path = DOCKERFILE) -> list[list[tuple[str, str]]]:
-    """Instructions per stage, as (INSTRUCTION, arguments) with continuation lines joined."""
-    stages: list[list[tuple[str, str]]] = []
+    """Instructions per stage, as (INSTRUCTION, arguments) with continuation lines joined. The global
+    ARGs before the first FROM are left out (``global_args``)."""
+    return _parse_dockerfile(path)[1:]
+
+
+def global_args(path: Path = DOCKERFILE) -> dict[str, str]:
+    """The ARGs declared before the first FROM, with their defaults."""
+    (preamble, *_) = _parse_dockerfile(path)
+    args: dict[str, str] = {}
+    for instruction, value in preamble:
+        assert instruction == "ARG", f"only ARG may come before the first FROM, not {instruction}"
+        key, _, default = value.partition("=")
+        args[key] = default
+    return args
+
+
+def _parse_dockerfile(path: Path) -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = [[]]
     logical = ""
     for raw in path.read_text().splitlines():
         line = raw.strip()
@@ -83,8 +99,8 @@ def parse_dockerfile(path: Path = DOCKERFILE) -> list[list[tuple[str, str]]]:
         logical = ""
         if instruction.upper() == "FROM":
             stages.append([])
-        assert stages, "the Dockerfile must start with FROM"
         stages[-1].append((instruction.upper(), args.strip()))
+    assert len(stages) > 1, "no FROM in the Dockerfile"
     return stages
 
 
@@ -120,8 +136,10 @@ def test_hadolint_passes() -> None:
 
 def test_dockerfile_runs_the_installed_wheel_as_non_root_with_storage_and_healthcheck() -> None:
     builder, runtime = parse_dockerfile()
-    assert instructions(builder, "FROM") == ["python:3.11-slim-bookworm AS builder"]
-    assert instructions(runtime, "FROM") == ["python:3.11-slim-bookworm"]
+    # Both stages on one base, a build argument whose default is the official slim Python image.
+    assert global_args() == {"BASE_IMAGE": "python:3.11-slim-bookworm"}
+    assert instructions(builder, "FROM") == ["${BASE_IMAGE} AS builder"]
+    assert instructions(runtime, "FROM") == ["${BASE_IMAGE}"]
 
     # The builder copies only what the wheel is made of, and the build context lets exactly that in.
     allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
@@ -133,6 +151,10 @@ def test_dockerfile_runs_the_installed_wheel_as_non_root_with_storage_and_health
     build = " ".join(instructions(builder, "RUN"))
     assert "pip wheel" in build and "edge_model_loader-*.whl" in build
     assert " -e " not in build and "--editable" not in build
+    assert "[dev]" not in build and "optional-dependencies" not in build, "the image installs no dev tools"
+    # The dependencies' layer comes from pyproject.toml alone, before the code is copied in.
+    copies = [args.split()[:-1] for args in instructions(builder, "COPY")]
+    assert copies[0] == ["pyproject.toml"] and "supervisor" not in copies[0]
 
     runtime_run = " ".join(instructions(runtime, "RUN"))
     assert "apt-get" not in runtime_run and "curl" not in runtime_run
@@ -242,8 +264,12 @@ def test_genconfig_expands_the_template_into_a_valid_manifest(tmp_path: Path, pl
     agent = manifest["modulesContent"]["$edgeAgent"]["properties.desired"]
     assert agent["runtime"]["settings"]["registryCredentials"]["registry"] == {
         "username": "puller", "password": "secret", "address": REGISTRY}
-    assert agent["systemModules"]["edgeAgent"]["settings"]["image"] == "mcr.microsoft.com/azureiotedge-agent:1.5"
-    assert agent["systemModules"]["edgeHub"]["settings"]["image"] == "mcr.microsoft.com/azureiotedge-hub:1.5"
+    assert agent["systemModules"]["edgeAgent"]["settings"]["image"] == "mcr.microsoft.com/azureiotedge-agent:1.6"
+    assert agent["systemModules"]["edgeHub"]["settings"]["image"] == "mcr.microsoft.com/azureiotedge-hub:1.6"
+    # IoT Edge 1.6 keeps the 1.5 manifest format: edgeAgent reads schema 1.1, edgeHub 1.2 (priorities and
+    # time-to-live on routes); the SchemaStore schemas above are those versions.
+    assert agent["schemaVersion"] == "1.1"
+    assert manifest["modulesContent"]["$edgeHub"]["properties.desired"]["schemaVersion"] == "1.2"
 
     module = agent["modules"][MODULE]
     version = json.loads(MODULE_JSON.read_text())["image"]["tag"]["version"]

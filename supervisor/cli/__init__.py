@@ -1,1 +1,1 @@
-"""Command-line tools (pack, verify, twin-patch): import no runtime or server unless they load one."""
+"""Command-line tools (pack, verify, twin-patch, rollout): import no runtime or server unless they load one."""

@@ -126,7 +126,7 @@ class Download:
         """Download, verify and return the result. On failure the ``.part`` file is removed; on
         cancellation it is kept (with its resume note) when a later run can continue it."""
         own_session = self._session is None
-        session = self._session or aiohttp.ClientSession()
+        session = self._session or aiohttp.ClientSession(trust_env=True)  # HTTPS_PROXY, NO_PROXY (docs/twin.md)
         try:
             self.resumed_bytes = await asyncio.to_thread(self._open)
             self.bytes_done = self.resumed_bytes
