@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the real services the twin and download tests run against:
 #   - mosquitto (Debian package): the MQTT broker behind the IoT Hub simulator;
-#   - Azurite 3.35.0 (npm, the official Azure Storage emulator) into .tools/node_modules.
+#   - Azurite 3.35.0 (npm, the official Azure Storage emulator) into .tools/node_modules;
+# and the browser the status page's test drives:
+#   - chromium and chromium-driver (Debian packages, the same version by construction).
 # Idempotent and quick when both are present. Nothing is started here: the tests start their own
 # instances on loopback addresses and stop them.
 #
@@ -33,6 +35,21 @@ else
     exit 1
 fi
 
+# -- Chromium (tests/test_status_page_browser.py) -------------------------------------------------------
+if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+    echo "chromium: present"
+elif command -v apt-get >/dev/null; then
+    echo "chromium: installing chromium and chromium-driver with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! as_root apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null 2>&1; then
+        as_root apt-get update -qq
+        as_root apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null
+    fi
+else
+    echo "install-test-services: no apt-get: install chromium and its chromedriver yourself" >&2
+    exit 1
+fi
+
 # -- Azurite ------------------------------------------------------------------------------------------
 installed_version() {
     node -e "console.log(require('$TOOLS/node_modules/azurite/package.json').version)" 2>/dev/null || true
@@ -50,4 +67,4 @@ else
 fi
 
 "$TOOLS/node_modules/.bin/azurite-blob" --version >/dev/null
-echo "test services ready: $(command -v mosquitto || echo /usr/sbin/mosquitto), $TOOLS/node_modules/.bin/azurite-blob"
+echo "test services ready: $(command -v mosquitto || echo /usr/sbin/mosquitto), $TOOLS/node_modules/.bin/azurite-blob, /usr/bin/chromium"
