@@ -1,7 +1,8 @@
 """``edgeloader status | activate NAME VERSION | rollback``: the running service, from a shell on site.
 
 For people on the device without curl: it talks to the service's HTTP API (``--url``, default
-``http://127.0.0.1:8080``, or ``EDGELOADER_URL``) with the API token from ``EDGELOADER_API_TOKEN`` when set.
+``http://127.0.0.1:8080``) with the API token from ``EDGELOADER_API_TOKEN`` when set (the service's own
+variable: in the module's container it is already there).
 Standard library only: it imports no runtime, no aiohttp, nothing that loads a model, so it answers in a
 blink on a small board.
 
@@ -118,8 +119,7 @@ def main(argv: list[str], command: str) -> int:
         prog=f"edgeloader {command}", description=descriptions[command] + " Exit status: 0 done, 1 refused by "
         "the service, 2 usage, 3 the service could not be reached.",
     )
-    parser.add_argument("--url", default=os.environ.get("EDGELOADER_URL") or DEFAULT_URL,
-                        help=f"the service (default: EDGELOADER_URL, else {DEFAULT_URL})")
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds to wait for an answer (an activation loads the model first; default 120)")
     if command == "activate":
