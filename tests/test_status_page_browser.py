@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,14 @@ async def test_the_status_page_in_chromium(aiohttp_server, tmp_path: Path, photo
     assert seen["screenshot"].stat().st_size > 10_000
     if os.environ.get("EDGELOADER_SCREENSHOT"):  # how docs/status-page.png is made
         shutil.copyfile(seen["screenshot"], os.environ["EDGELOADER_SCREENSHOT"])
+
+
+def test_a_missing_browser_fails_under_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """CI must have run `make services`: there a missing Chromium is a failure, not a skip."""
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"no .*no-chromium: run `make services`"):
+        _browser()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        _browser()
