@@ -14,7 +14,7 @@ STAMP = $(VENV)/.installed
 
 help:
 	@echo "make run [PORT=8080]   set up and serve the bundled default model (data in $(DATA_DIR))"
-	@echo "make test              set up, then ruff, mypy and pytest (installs mosquitto + Azurite for the twin tests)"
+	@echo "make test              set up, then ruff, mypy and pytest (installs mosquitto, Azurite, chromium for the tests)"
 	@echo "make bench             benchmarks (prints a table, writes bench/results.json)"
 	@echo "make image|push|deployment|lint   ship it as an IoT Edge module (see docs/deployment.md)"
 	@echo "make clean             remove the venv, test tools and build output (keeps $(DATA_DIR), the model repository)"
