@@ -17,7 +17,7 @@ STAMP = $(VENV)/.installed-dev
 
 help:
 	@echo "make run [PORT=8080]   set up (runtime dependencies only) and serve the bundled default model (data in $(DATA_DIR))"
-	@echo "make test              set up, then ruff, mypy and pytest (installs mosquitto + Azurite for the twin tests)"
+	@echo "make test              set up, then ruff, mypy and pytest (installs mosquitto, Azurite, chromium, podman for the tests)"
 	@echo "make bench             benchmarks (prints a table, writes bench/results.json)"
 	@echo "make image|push|deployment|lint   ship it as an IoT Edge module (see docs/deployment.md)"
 	@echo "make image-test[-arm64]  build the image from a debootstrapped base and run it (arm64: QEMU, ~10 min)"

@@ -3,7 +3,9 @@
 #   - mosquitto (Debian package): the MQTT broker behind the IoT Hub simulator;
 #   - Azurite 3.35.0 (npm, the official Azure Storage emulator) into .tools/node_modules;
 #   - podman, buildah and debootstrap (Debian packages): the container image test builds the image from a
-#     Debian base made with debootstrap and runs it (tests/test_container_image.py).
+#     Debian base made with debootstrap and runs it (tests/test_container_image.py);
+#   - chromium and chromium-driver (Debian packages, the same version by construction): the browser the
+#     status page's test drives (tests/test_status_page_browser.py).
 # With --qemu also QEMU user emulation for arm64 (qemu-user-static, binfmt-support), registered with the
 # kernel: `make image-test-arm64` needs it, `make test` does not.
 # Idempotent and quick when all are present. Nothing is started here: the tests start their own
@@ -80,6 +82,13 @@ if [ "$QEMU" = yes ] && [ "$(uname -m)" != aarch64 ]; then
     echo "qemu-aarch64: $(head -n 1 /proc/sys/fs/binfmt_misc/qemu-aarch64)"
 fi
 
+# -- Chromium (tests/test_status_page_browser.py) -------------------------------------------------------
+if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+    echo "chromium: present"
+else
+    apt_install chromium chromium-driver
+fi
+
 # -- Azurite ------------------------------------------------------------------------------------------
 installed_version() {
     node -e "console.log(require('$TOOLS/node_modules/azurite/package.json').version)" 2>/dev/null || true
@@ -97,4 +106,4 @@ else
 fi
 
 "$TOOLS/node_modules/.bin/azurite-blob" --version >/dev/null
-echo "test services ready: $(command -v mosquitto || echo /usr/sbin/mosquitto), $TOOLS/node_modules/.bin/azurite-blob"
+echo "test services ready: $(command -v mosquitto || echo /usr/sbin/mosquitto), $TOOLS/node_modules/.bin/azurite-blob, /usr/bin/chromium"

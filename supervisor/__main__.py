@@ -1,4 +1,4 @@
-"""The command line: ``edgeloader serve | pack | verify | twin-patch | rollout``."""
+"""The command line: ``edgeloader serve | pack | verify | twin-patch | rollout | status | activate | rollback``."""
 
 from __future__ import annotations
 
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         "verify": "validate a model package without activating it",
         "twin-patch": "print the module-twin desired properties that point devices at a package",
         "rollout": "write a layered IoT Edge deployment that rolls a package out to a group of devices",
+        "status": "show the running service's models, downloads and twin (--url, EDGELOADER_API_TOKEN)",
+        "activate": "make a stored version of the running service active: activate NAME VERSION",
+        "rollback": "make the running service go back to the version active before",
     }
     if not argv or argv[0] in ("-h", "--help"):
         print(f"edgeloader {__version__}\n\nusage: edgeloader COMMAND [options]\n\ncommands:")
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         from supervisor.cli.rollout import main as rollout_main
 
         return rollout_main(rest)
+    if command in ("status", "activate", "rollback"):
+        from supervisor.cli.remote import main as remote_main
+
+        return remote_main(rest, command)
     print(f"edgeloader: unknown command {command!r}; try 'edgeloader --help'", file=sys.stderr)
     return 2
 

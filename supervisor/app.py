@@ -20,14 +20,30 @@ from aiohttp import web
 from supervisor.errors import StartupError
 from supervisor.fsutil import remove_tree
 from supervisor.http.auth import token_middleware
-from supervisor.http.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
+from supervisor.http.keys import (
+    DOWNLOADS,
+    ENGINE,
+    EVENTS,
+    METRICS,
+    PIPELINE,
+    REPOSITORY,
+    SETTINGS,
+    TWIN_STATUS,
+    WATCHER,
+)
 from supervisor.http.middleware import error_middleware, request_log_middleware
+from supervisor.http.observe import install_metrics, metrics_middleware, observe_ctx
+from supervisor.http.observe import routes as metrics_routes
+from supervisor.http.pictures import routes as picture_routes
 from supervisor.http.routes import routes
+from supervisor.http.status_page import routes as page_routes
+from supervisor.metrics import Metrics
 from supervisor.serving.engine import Engine
 from supervisor.settings import Settings
 from supervisor.supervise import supervised
 from supervisor.twin.status import TwinStatus
 from supervisor.updates.events import EventBus
+from supervisor.updates.pending import Downloads
 from supervisor.updates.pipeline import Pipeline
 from supervisor.updates.repository import Repository
 
@@ -51,6 +67,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         decode_wait_seconds=settings.decode_wait_seconds,
         wide_lane=settings.wide_lane,
     )
+    engine.on_load = app[METRICS].model_loaded
     repo = Repository(settings.data_dir)
     try:
         repo.ensure_layout()
@@ -110,6 +127,7 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
         app[PIPELINE], settings.inbox_dir, settings.staging_dir, settings.settle_seconds,
         incomplete_timeout=settings.incomplete_timeout_seconds, rescan_seconds=settings.rescan_seconds,
     )
+    app[WATCHER] = watcher  # /models and the status page show what it waits for
     async with supervised("package-watcher", watcher.run):
         yield
 
@@ -131,6 +149,7 @@ async def _twin_ctx(app: web.Application) -> AsyncIterator[None]:
         download_retries=settings.download_retries,
         download_read_timeout=settings.download_read_timeout_seconds,
         status=app[TWIN_STATUS],
+        download_counters=app[METRICS],
     )
     async with supervised("twin-watcher", service.run):
         yield
@@ -165,7 +184,7 @@ def _url_host(host: str) -> str:
 def build_app(settings: Settings, import_path: Path | None = None, services: bool = True) -> web.Application:
     """The whole service as one aiohttp app. ``services=False`` leaves out the folder and twin
     watchers (tests that drive the pipeline themselves)."""
-    middlewares = [request_log_middleware, error_middleware]
+    middlewares = [metrics_middleware, request_log_middleware, error_middleware]
     if settings.api_token:
         middlewares.append(token_middleware(settings.api_token, settings.api_token_scope))
         log.info("api_token_required", scope=settings.api_token_scope)
@@ -175,10 +194,17 @@ def build_app(settings: Settings, import_path: Path | None = None, services: boo
     app[SETTINGS] = settings
     app[EVENTS] = EventBus()
     app[TWIN_STATUS] = TwinStatus()
+    app[METRICS] = Metrics()  # a registry per app: tests build several in one process
+    app[DOWNLOADS] = Downloads()
+    install_metrics(app)
     if import_path is not None:
         app[IMPORT_PATH] = import_path
     app.add_routes(routes)
+    app.add_routes(picture_routes)
+    app.add_routes(metrics_routes)
+    app.add_routes(page_routes)
     app.on_response_prepare.append(_plain_server_header)
+    app.cleanup_ctx.append(observe_ctx)  # first: it counts the start-up swap
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_import_ctx)
     if services:

@@ -196,6 +196,11 @@ def test_installed_wheel_serves_like_the_container(root: Path, photo: bytes) -> 
         # The astronaut's face is around x 180-270, y 75-170 in the 512x512 photo.
         assert 150 < (box["xmin"] + box["xmax"]) / 2 < 300 and 50 < (box["ymin"] + box["ymax"]) / 2 < 200, box
 
+        # The status page's template, style and script are package data: the wheel must carry them.
+        with urllib.request.urlopen(f"{base}/", timeout=30) as response:
+            page = response.read().decode()
+        assert "Try the model" in page and "sessionStorage" in page and bundled["name"] in page
+
         # The non-root service could write its repository into the bound storage.
         written = list(data.iterdir())
         assert written, "nothing written to the data directory"

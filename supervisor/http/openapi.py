@@ -84,6 +84,28 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+_PAGES: dict[str, Any] = {
+    "/annotate": {"post": {
+        "summary": "Detect, answering with the image (JPEG) with boxes, labels, scores and keypoints drawn",
+        "parameters": _DETECT_PARAMS, "requestBody": _IMAGE_BODY,
+        "responses": {"200": {"description": "The picture (at most 1920 pixels on its long side); headers "
+                                             "X-Detections (how many) and X-Model (name/version)",
+                              "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                      **_errors(400, 408, 413, 415, 500, 503)}}},
+    "/metrics": {"get": {
+        "summary": "Prometheus metrics (text exposition format)",
+        "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    "/": {"get": {
+        "summary": "The status page (HTML) for a browser",
+        "parameters": [{"name": "part", "in": "query", "schema": {"enum": ["state"]},
+                        "description": "state: only the state part (what the page's script refreshes)"}],
+        "responses": {"200": {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}},
+                      "401": {"description": "part=state without the API token, when every route needs it "
+                                             "(EDGELOADER_API_TOKEN_SCOPE=all): the part that asks for it",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+}
+
+
 def _get(summary: str, ok: str, *errors: int) -> dict[str, Any]:
     return {"get": {"summary": summary, "responses": {"200": _json({"type": "object"}, ok), **_errors(*errors)}}}
 
@@ -131,6 +153,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object"}, "Now active"), **_errors(401, 409, 500)},
                 "security": _TOKEN}},
             "/openapi.json": _get("This document", "OpenAPI document"),
+            **_PAGES,
         },
         "components": {"schemas": _schemas(), "securitySchemes": {"apiToken": {
             "type": "http", "scheme": "bearer",

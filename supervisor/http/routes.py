@@ -19,12 +19,14 @@ from supervisor.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from supervisor.http.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
+from supervisor.http.keys import DOWNLOADS, ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS, WATCHER
 from supervisor.http.openapi import openapi_document
+from supervisor.metrics import note_stage_timings
 from supervisor.package.paths import is_safe_component
 from supervisor.serving.engine import DetectResult
+from supervisor.updates.pending import iso_utc
 
-__all__ = ["routes"]
+__all__ = ["detect_with_image", "models_document", "routes"]
 
 log = structlog.get_logger("edgeloader.api")
 routes = web.RouteTableDef()
@@ -96,6 +98,11 @@ async def _multipart_image(request: web.Request, max_parts: int) -> bytes:
 
 
 async def _detect(request: web.Request) -> DetectResult:
+    return (await detect_with_image(request))[0]
+
+
+async def detect_with_image(request: web.Request) -> tuple[DetectResult, bytes]:
+    """Run the request's image through the engine: the result, and the image as received."""
     threshold, maxn, labels = _query_params(request)
     data = await _read_image(request)
     try:
@@ -107,7 +114,8 @@ async def _detect(request: web.Request) -> DetectResult:
     except ImageTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from exc
     structlog.contextvars.bind_contextvars(model=result.model.name, model_version=result.model.version)
-    return result
+    note_stage_timings(result.timing_ms)
+    return result, data
 
 
 @routes.post("/detect")
@@ -210,6 +218,11 @@ async def v2_model_ready(request: web.Request) -> web.Response:
 
 @routes.get("/models")
 async def list_models(request: web.Request) -> web.Response:
+    return web.json_response(await models_document(request))
+
+
+async def models_document(request: web.Request) -> dict[str, Any]:
+    """What ``GET /models`` answers (the status page renders the same)."""
     repo = request.app[REPOSITORY]
     engine = request.app[ENGINE]
     active = engine.active
@@ -222,7 +235,8 @@ async def list_models(request: web.Request) -> web.Response:
     trouble: dict[tuple[str | None, str | None], dict[str, Any]] = {}
     for event in request.app[EVENTS].history:
         if event.state in ("failed", "rolled_back") and event.reason:
-            trouble[(event.name, event.version)] = {"state": event.state, "reason": event.reason, "at": event.at}
+            trouble[(event.name, event.version)] = {"state": event.state, "reason": event.reason,
+                                                "at": iso_utc(event.at)}
     versions = []
     for v in reversed(stored):
         state = "stored"
@@ -235,17 +249,28 @@ async def list_models(request: web.Request) -> web.Response:
             "name": v.name, "version": v.version, "state": state,
             "handler": r.get("handler"), "sha256": r.get("model_sha256"),
             "package": r.get("package"), "package_sha256": r.get("package_sha256"),
-            "source": r.get("source"), "installed_at": r.get("installed_at"),
+            "source": r.get("source"), "installed_at": iso_utc(r.get("installed_at")),
             "last_problem": trouble.get(v.key),
         })
-    return web.json_response({
+    twin = request.app[TWIN_STATUS].public() if TWIN_STATUS in request.app else None
+    return {
         "active": active.info.public() if active else None,
         "current_on_disk": f"{current.name}/{current.version}" if current else None,
         "versions": versions,
-        "rejected": rejected,
-        "twin": request.app[TWIN_STATUS].public() if TWIN_STATUS in request.app else None,
-        "events": [e.to_dict() for e in request.app[EVENTS].history][-50:],
-    })
+        "rejected": [{**e, "at": iso_utc(e.get("at"))} for e in rejected],
+        "pending": _pending(request.app),
+        "twin": {**twin, "since": iso_utc(twin["since"])} if twin else None,
+        "events": [{**e.to_dict(), "at": iso_utc(e.at)} for e in list(request.app[EVENTS].history)[-50:]],
+    }
+
+
+def _pending(app: web.Application) -> dict[str, Any]:
+    """Work that is not a model yet: packages waiting in the drop folders (to settle, or for the rest
+    of their copy) and downloads in progress."""
+    watcher = app.get(WATCHER)
+    packages = [{**p, "since": iso_utc(p["since"])} for p in watcher.pending()] if watcher is not None else []
+    downloads = app[DOWNLOADS].in_progress() if DOWNLOADS in app else []
+    return {"packages": packages, "downloads": downloads}
 
 
 @routes.post("/models/{name}/{version}/activate")

@@ -94,6 +94,8 @@ class Engine:
         self._active: LoadedModel | None = None
         # Called (on the loop) with the model whose requests keep failing right after activation.
         self.on_failure_streak: Callable[[LoadedModel, int], None] | None = None
+        # Called (on the loop) after each load with its duration in seconds and whether it worked (metrics).
+        self.on_load: Callable[[float, bool], None] | None = None
         self._streak = 0
         self._succeeded_since_swap = False
 
@@ -111,7 +113,16 @@ class Engine:
         ``key``: a stored version's (name, version); ``hashes``: its recorded file hashes (see
         ``load_model``)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.loader, self._load_and_warm, folder, manifest, key, hashes)
+        start = time.perf_counter()
+        try:
+            model = await loop.run_in_executor(self.loader, self._load_and_warm, folder, manifest, key, hashes)
+        except Exception:
+            if self.on_load is not None:
+                self.on_load(time.perf_counter() - start, False)
+            raise
+        if self.on_load is not None:
+            self.on_load(time.perf_counter() - start, True)
+        return model
 
     def _load_and_warm(
         self, folder: Path, manifest: Manifest | None, key: tuple[str, str] | None,

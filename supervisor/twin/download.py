@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 import structlog
@@ -35,6 +36,7 @@ from supervisor.twin.partfile import PartFile, resume_note_path
 
 __all__ = [
     "Download",
+    "DownloadCounters",
     "DownloadError",
     "DownloadResult",
     "parse_md5",
@@ -50,6 +52,14 @@ _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _FREE_SPACE_MARGIN = 16 * 1024 * 1024
 # Chunks between the network reader and the disk writer (at most this many x chunk_size in memory).
 _QUEUE_CHUNKS = 32
+
+
+class DownloadCounters(Protocol):
+    """Where a download counts its bytes (the service's metrics, ``supervisor/metrics.py``)."""
+
+    def fetched(self, n: int) -> None: ...  # body bytes received over the network
+    def reused(self, n: int) -> None: ...  # bytes kept from an interrupted run instead of fetched again
+    def resumed(self) -> None: ...  # a run that continued an interrupted one
 
 
 class DownloadError(Exception):
@@ -92,6 +102,7 @@ class Download:
         connect_timeout: float = 15.0,
         read_timeout: float = 30.0,
         progress: Callable[[int, int | None], None] | None = None,
+        counters: DownloadCounters | None = None,
     ) -> None:
         self.url = url
         self.part_path = part_path
@@ -107,6 +118,7 @@ class Download:
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._progress = progress
+        self._counters = counters
         self.bytes_fetched = 0
         self.bytes_done = 0
         self.total: int | None = expected_length
@@ -130,6 +142,9 @@ class Download:
         try:
             self.resumed_bytes = await asyncio.to_thread(self._open)
             self.bytes_done = self.resumed_bytes
+            if self._counters is not None and self.resumed_bytes:
+                self._counters.reused(self.resumed_bytes)
+                self._counters.resumed()
             if self.expected_length is not None:
                 self._check_free_space(self.expected_length - self.resumed_bytes)
             await self._fetch(session)
@@ -308,6 +323,8 @@ class Download:
         try:
             async for chunk in body.iter_chunked(self.chunk_size):
                 self.bytes_fetched += len(chunk)
+                if self._counters is not None:
+                    self._counters.fetched(len(chunk))
                 received += len(chunk)
                 if self.total is not None and received > self.total:
                     raise DownloadError(f"server sent more than the {self.total} bytes it announced")

@@ -23,7 +23,7 @@ from supervisor.redact import redact, redact_url
 from supervisor.twin.client import RETRYABLE, HubClient, describe_mode
 from supervisor.twin.connection_string import check_module_connection_string
 from supervisor.twin.desired import DesiredModel
-from supervisor.twin.download import Download
+from supervisor.twin.download import Download, DownloadCounters
 from supervisor.twin.reconcile import Reconciler, Updates, Watch
 from supervisor.twin.reporter import OUTPUT_NAME, Reporter, active_patch, merge_patch, model_output, status_patch
 from supervisor.twin.status import TwinStatus
@@ -76,6 +76,7 @@ class TwinService:
         download_read_timeout: float = 30.0,
         connection_retry_interval: int = 10,
         status: TwinStatus | None = None,
+        download_counters: DownloadCounters | None = None,
     ) -> None:
         self.settings = settings
         self.status = status or TwinStatus()
@@ -90,6 +91,7 @@ class TwinService:
                 "backoff_base": download_backoff[0],
                 "backoff_max": download_backoff[1],
                 "read_timeout": download_read_timeout,
+                "counters": download_counters,
             },
         )
         self._retry_interval = retry_interval
@@ -295,6 +297,7 @@ class TwinService:
             bytes_total=bytes_total,
         )
         self._last_state = state
+        self.status.reported(status["ModelUpdate"])
         answered = status["ModelUpdate"]["DesiredVersion"]
         if isinstance(answered, int) and (self._answered is None or answered > self._answered):
             self._answered = answered

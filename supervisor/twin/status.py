@@ -19,11 +19,18 @@ class TwinStatus:
     mode: str | None = None  # "edge", "connection-string" once known
     reason: str | None = None  # why it is off (a configuration error, EDGELOADER_TWIN=off)
     since: float = field(default_factory=time.time)
+    # The latest ``ModelUpdate`` status reported (or queued while offline), as sent: State, FileName,
+    # DesiredVersion, Reason, Timestamp and, for a download, BytesDone and BytesTotal.
+    last_report: dict[str, Any] | None = None
 
     def set(self, state: TwinState, *, mode: str | None = None, reason: str | None = None) -> None:
         self.state, self.reason, self.since = state, reason, time.time()
         if mode is not None:
             self.mode = mode
 
+    def reported(self, status: dict[str, Any]) -> None:
+        self.last_report = dict(status)
+
     def public(self) -> dict[str, Any]:
-        return {"state": self.state, "mode": self.mode, "reason": self.reason, "since": self.since}
+        return {"state": self.state, "mode": self.mode, "reason": self.reason, "since": self.since,
+                "last_report": self.last_report}

@@ -37,9 +37,9 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 import watchfiles
@@ -96,6 +96,17 @@ class _Snapshot:
 
     state: tuple[object, ...]
     complete: bool  # False: a zip without its central directory, or a folder with temp files
+    size: int | None = field(default=None, compare=False)  # bytes so far (a folder: its files')
+
+
+@dataclass
+class _Waiting:
+    """A candidate not handed over yet, for ``pending()``: since when, how big so far."""
+
+    source: str
+    since: float
+    size: int | None = None
+    incomplete: bool = False
 
 
 def _snapshot(path: Path) -> _Snapshot | None:
@@ -106,13 +117,13 @@ def _snapshot(path: Path) -> _Snapshot | None:
             return _folder_snapshot(path)
         state: tuple[object, ...] = (st.st_ino, st.st_size, st.st_mtime_ns)
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-            return _Snapshot(state, True)  # the pipeline says what is wrong with it
+            return _Snapshot(state, True, st.st_size)  # the pipeline says what is wrong with it
         with path.open("rb") as f:
             head = f.read(4)
         # Zip writers put the central directory last: until it is there, the copy is not done.
         # A file not starting like a zip gets no such grace; the pipeline rejects it if bad.
         zip_like = head in (b"PK\x03\x04", b"PK\x05\x06")
-        return _Snapshot(state, not zip_like or is_complete_zip(path))
+        return _Snapshot(state, not zip_like or is_complete_zip(path), st.st_size)
     except FileNotFoundError:
         return None
     except OSError as exc:  # unreadable right now (permissions being set by the copier?)
@@ -157,7 +168,7 @@ def _folder_snapshot(path: Path) -> _Snapshot | None:
     if not os.path.isdir(path):
         return None
     entries.sort()
-    return _Snapshot(("dir", *entries), complete)
+    return _Snapshot(("dir", *entries), complete, sum(size for _, size, _ in entries))
 
 
 def _is_committed(path: Path, snap: _Snapshot) -> bool:
@@ -228,6 +239,21 @@ class PackageWatcher:
         self._ready: asyncio.Queue[tuple[Path, str, _Snapshot]] = asyncio.Queue()
         # Candidates handed over but still there, as they were: not handed over again unchanged.
         self._done: dict[Path, _Snapshot] = {}
+        # Candidates being waited for (settling, or a copy not finished), since they were first seen.
+        self._waiting: dict[Path, _Waiting] = {}
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Packages waiting to settle or for the rest of their copy: name, folder, state ("settling",
+        "incomplete"), since when (epoch seconds) and the bytes there so far."""
+        return [
+            {"package": path.name, "source": w.source, "state": "incomplete" if w.incomplete else "settling",
+             "since": w.since, "bytes": w.size}
+            for path, w in sorted(self._waiting.items(), key=lambda item: item[1].since)
+        ]
+
+    def _note_waiting(self, path: Path, source: str, snap: _Snapshot) -> None:
+        waiting = self._waiting.setdefault(path, _Waiting(source, time.time()))
+        waiting.size, waiting.incomplete = snap.size, not snap.complete
 
     async def run(self) -> None:
         """Watch until cancelled. Packages already in the folders are picked up first."""
@@ -245,6 +271,7 @@ class PackageWatcher:
             if self._timers:
                 await asyncio.gather(*self._timers.values(), return_exceptions=True)
             self._timers.clear()
+            self._waiting.clear()
 
     # -- noticing ------------------------------------------------------------------------------------
 
@@ -308,8 +335,9 @@ class PackageWatcher:
         try:
             await self._wait_until_settled(path, source)
         except asyncio.CancelledError:
-            raise
+            raise  # a newer timer for the same path takes over (and keeps its waiting entry)
         except Exception as exc:
+            self._waiting.pop(path, None)
             log.warning("package_settle_failed", package=path.name, source=source, error=f"{type(exc).__name__}")
             snap = await asyncio.to_thread(_snapshot, path)
             if snap is not None:
@@ -317,23 +345,27 @@ class PackageWatcher:
 
     async def _wait_until_settled(self, path: Path, source: str) -> None:
         before = await asyncio.to_thread(_snapshot, path)
-        if before is None:
-            self._done.pop(path, None)
-            return
-        if self._done.get(path) == before:
+        if before is None or self._done.get(path) == before:
+            self._waiting.pop(path, None)
+            if before is None:
+                self._done.pop(path, None)
             return
         if source == "staging" and await asyncio.to_thread(_is_committed, path, before):
+            self._waiting.pop(path, None)
             self._ready.put_nowait((path, source, before))
             return
         if not is_candidate_name(path.name):  # only an orphan checksum sidecar is scheduled so
             await self._hold_orphan(path, source)
             return
+        self._note_waiting(path, source, before)
         incomplete_since: float | None = None
         while True:
             await asyncio.sleep(self.settle_seconds)
             now = await asyncio.to_thread(_snapshot, path)
             if now is None:
+                self._waiting.pop(path, None)
                 return
+            self._note_waiting(path, source, now)
             if now != before:
                 before = now
                 continue
@@ -345,6 +377,7 @@ class PackageWatcher:
                     continue
                 log.warning("package_incomplete_giving_up", package=path.name, source=source,
                             waited_s=round(time.monotonic() - incomplete_since, 1))
+            self._waiting.pop(path, None)
             self._ready.put_nowait((path, source, now))
             return
 
