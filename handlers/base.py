@@ -23,6 +23,7 @@ from handlers.options import HandlerOptions
 
 __all__ = [
     "REGISTRY",
+    "Classification",
     "Detection",
     "Handler",
     "HandlerMismatch",
@@ -31,6 +32,7 @@ __all__ = [
     "Signature",
     "TensorSpec",
     "choose_handler",
+    "lookup",
     "register",
 ]
 
@@ -65,11 +67,21 @@ class Signature:
 
 @dataclass(frozen=True)
 class Detection:
-    """One detection, box normalised to the original image: (xmin, ymin, xmax, ymax) in 0..1."""
+    """One detection, box normalised to the original image: (xmin, ymin, xmax, ymax) in 0..1;
+    keypoints (x, y) normalised the same way but not clipped (they may lie outside the image)."""
 
     class_id: int
     score: float
     box: tuple[float, float, float, float]
+    keypoints: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One class of an image classifier's answer, its score a probability (0..1)."""
+
+    class_id: int
+    score: float
 
 
 @dataclass
@@ -106,6 +118,10 @@ class Handler(ABC):
     description: ClassVar[str] = ""
     # What model.json's handler_options may say to this family (unknown keys are refused).
     options_model: ClassVar[type[HandlerOptions]] = HandlerOptions
+    # Other names model.json may give this family by (former names, kept for installed packages).
+    aliases: ClassVar[tuple[str, ...]] = ()
+    # What the family answers: "detect" (postprocess: detections) or "classify" (see classifier.py).
+    task: ClassVar[str] = "detect"
 
     def __init__(self, signature: Signature, options: Mapping[str, Any] | HandlerOptions | None = None) -> None:
         """Raises pydantic's ValidationError when ``options`` do not fit ``options_model``."""
@@ -124,6 +140,13 @@ class Handler(ABC):
     @abstractmethod
     def matches(cls, signature: Signature) -> bool:
         """True when this family can run a model with this signature."""
+
+    @classmethod
+    def accepts(cls, signature: Signature, options: HandlerOptions) -> bool:
+        """True when this family, *named* in model.json with these options, can run the model. A
+        family may take more here than it claims by signature alone (a model whose decoding the
+        options describe)."""
+        return cls.matches(signature)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -157,14 +180,25 @@ class Handler(ABC):
 
 
 REGISTRY: dict[str, type[Handler]] = {}
+# Former names of families -> the family (model.json may still say them).
+ALIASES: dict[str, type[Handler]] = {}
 
 
 def register(cls: type[Handler]) -> type[Handler]:
-    """Class decorator adding a handler to the registry under its ``name``."""
-    if cls.name in REGISTRY:
-        raise ValueError(f"handler {cls.name!r} registered twice")
+    """Class decorator adding a handler to the registry under its ``name`` (and its aliases)."""
+    for name in (cls.name, *cls.aliases):
+        if name in REGISTRY or name in ALIASES:
+            raise ValueError(f"handler {name!r} registered twice")
     REGISTRY[cls.name] = cls
+    ALIASES.update(dict.fromkeys(cls.aliases, cls))
     return cls
+
+
+def lookup(name: str) -> type[Handler] | None:
+    """The family named ``name`` (or by a former name of it), if any."""
+    import handlers  # noqa: F401  (importing the package registers every family)
+
+    return REGISTRY.get(name) or ALIASES.get(name)
 
 
 def describe(signature: Signature) -> str:
@@ -181,12 +215,16 @@ def choose_handler(
     import handlers  # noqa: F401  (importing the package registers every family)
 
     if name:
-        cls = REGISTRY.get(name)
+        cls = lookup(name)
         if cls is None:
             raise HandlerMismatch(f"unknown handler {name!r}; known: {', '.join(sorted(REGISTRY))}")
-        if not cls.matches(signature):
+        try:
+            parsed = cls.parse_options(options)
+        except ValidationError as exc:
+            raise OptionsRejected(cls.name, cls.options_model, exc) from None
+        if not cls.accepts(signature, parsed):
             raise HandlerMismatch(f"handler {name!r} does not fit the model: {describe(signature)}")
-        return _make(cls, signature, options)
+        return _make(cls, signature, parsed)
     fits = [cls for cls in REGISTRY.values() if cls.matches(signature)]
     if not fits:
         # The action first: a reason shown in the twin is cut at ~200 characters, the signature may be long.

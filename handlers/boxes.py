@@ -92,6 +92,7 @@ def weighted_nms(
     Take the best remaining box; every remaining box whose IoU with it is *above* the
     threshold (itself included) joins its cluster; the output box is the score-weighted mean
     of the cluster's corners and keeps the best box's score. Returns (boxes, scores), best first.
+    Rows may carry more values after the four corners (keypoints): they are blended the same way.
     """
     order = _by_score(scores)
     out_boxes: list[np.ndarray] = []
@@ -111,17 +112,23 @@ def weighted_nms(
         out_scores.append(float(scores[best]))
         order = order[~overlap]
     if not out_boxes:
-        return np.zeros((0, 4), dtype=boxes.dtype), np.zeros(0, dtype=scores.dtype)
+        return np.zeros((0, boxes.shape[1]), dtype=boxes.dtype), np.zeros(0, dtype=scores.dtype)
     return np.stack(out_boxes), np.asarray(out_scores, dtype=scores.dtype)
 
 
-def to_detections(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray | int) -> list[Detection]:
-    """Normalised xyxy boxes -> clipped ``Detection`` list sorted best first."""
+def to_detections(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray | int, keypoints: np.ndarray | None = None
+) -> list[Detection]:
+    """Normalised xyxy boxes -> clipped ``Detection`` list sorted best first. ``keypoints`` (N, K, 2),
+    normalised x/y, are kept as they are (not clipped)."""
     if len(scores) == 0:
         return []
     clipped = clip01(np.asarray(boxes, dtype=np.float64))
     cls = np.broadcast_to(np.asarray(classes), scores.shape)
+    points = [()] * len(scores) if keypoints is None else [
+        tuple(map(tuple, row)) for row in np.asarray(keypoints, dtype=np.float64).tolist()
+    ]
     return [
-        Detection(int(cls[i]), float(scores[i]), tuple(clipped[i].tolist()))  # type: ignore[arg-type]
+        Detection(int(cls[i]), float(scores[i]), tuple(clipped[i].tolist()), points[i])  # type: ignore[arg-type]
         for i in _by_score(np.asarray(scores))
     ]

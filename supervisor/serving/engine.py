@@ -227,13 +227,18 @@ class Engine:
                 continue
             norm = np.clip(np.asarray(det.box, dtype=np.float64), 0.0, 1.0)
             pixels = norm * scale
-            out.append({
+            found_one: dict[str, Any] = {
                 "label": label,
                 "class_id": int(det.class_id),
                 "score": round(float(det.score), 4),
                 "box": _box_dict([round(float(v), 1) for v in pixels]),
                 "box_normalized": _box_dict([round(float(v), 5) for v in norm]),
-            })
+            }
+            if det.keypoints:
+                # Pixels of the original image, not clipped: a keypoint may lie outside it.
+                found_one["keypoints"] = [{"x": round(x * width, 1), "y": round(y * height, 1)}
+                                          for x, y in det.keypoints]
+            out.append(found_one)
             if max_results is not None and len(out) >= max_results:
                 break
         return out
