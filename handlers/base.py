@@ -159,6 +159,11 @@ class Handler(ABC):
         """How many classes the outputs can name (to check the labels file); None if unknown."""
         return None
 
+    def fit_labels(self, labels: Sequence[str]) -> list[str]:
+        """The labels file's names, aligned with the model's class ids (called once, at load time).
+        Raises ValueError (the reason, one line) when they cannot be."""
+        return list(labels)
+
     @abstractmethod
     def preprocess(self, image: Image.Image) -> Prepared:
         """RGB PIL image (already decoded, maybe draft-reduced) -> runtime feeds.

@@ -85,7 +85,7 @@ def planted(rows: dict[int, tuple[float, list[float]]]) -> dict[str, np.ndarray]
 def test_a_model_no_one_knows_is_decoded_from_its_handler_options() -> None:
     with pytest.raises(HandlerMismatch, match="no handler matches"):
         choose_handler(CUSTOM)  # by signature alone, nothing says how to decode it
-    with pytest.raises(HandlerMismatch, match="handler_options.anchors"):
+    with pytest.raises(HandlerMismatch, match=r"handler_options\.anchors"):
         choose_handler(CUSTOM, name="mediapipe_ssd")
     handler = choose_handler(CUSTOM, name="mediapipe_ssd", options={"anchors": CUSTOM_ANCHORS})
     assert isinstance(handler, MediapipeSsd) and handler.num_keypoints == 2 and handler.min_score == 0.5

@@ -25,6 +25,8 @@ BUILDERS: list[tuple[str, Callable[[Path], Path], str]] = [
     ("ssd.tflite", modelgen.ssd_tflite, "tflite_ssd"),
     ("ssd_q.tflite", lambda p: modelgen.ssd_tflite(p, quantized=True), "tflite_ssd"),
     ("ssd_s.tflite", lambda p: modelgen.ssd_tflite(p, scrambled=True), "tflite_ssd"),
+    ("resnet.onnx", lambda p: modelgen.classifier_onnx(p, size=32), "classifier"),
+    ("mobilenet_q.tflite", lambda p: modelgen.classifier_tflite(p, size=32, quantized="uint8"), "classifier"),
 ]
 
 
@@ -33,7 +35,7 @@ def fitting(signature: Signature) -> list[str]:
 
 
 def test_all_families_are_registered() -> None:
-    assert sorted(REGISTRY) == ["mediapipe_ssd", "onnx_ssd", "onnx_yolov3", "tflite_ssd", "yolo"]
+    assert sorted(REGISTRY) == ["classifier", "mediapipe_ssd", "onnx_ssd", "onnx_yolov3", "tflite_ssd", "yolo"]
 
 
 def test_blazeface_is_still_a_name_of_the_mediapipe_family() -> None:
@@ -59,13 +61,13 @@ def test_real_blazeface_models_fit_the_mediapipe_family_only(path: Path) -> None
 
 
 def test_unrelated_model_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    signature = open_runtime(modelgen.unrelated_onnx(tmp_path / "classifier.onnx")).signature
+    signature = open_runtime(modelgen.unrelated_onnx(tmp_path / "enhancer.onnx")).signature
     with pytest.raises(HandlerMismatch) as info:
         choose_handler(signature)
     message = str(info.value)
     assert "no handler matches" in message
-    assert "logits[1, 10]" in message  # says what the model looks like
-    assert "mediapipe_ssd, onnx_ssd, onnx_yolov3, tflite_ssd, yolo" in message  # and what to name
+    assert "enhanced[1, 3, 32, 32]" in message  # says what the model looks like
+    assert "classifier, mediapipe_ssd, onnx_ssd, onnx_yolov3, tflite_ssd, yolo" in message  # and what to name
 
 
 def test_named_handler_must_fit_and_exist(tmp_path: Path) -> None:

@@ -5,11 +5,13 @@ into JSON ``{"error": {"code", "message"}}``."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
 
+from handlers.base import lookup
 from handlers.imaging import ImageDecodeError, ImageTooLarge, UnsupportedImageType
 from supervisor.errors import (
     BadRequest,
@@ -28,6 +30,7 @@ __all__ = ["routes"]
 
 log = structlog.get_logger("edgeloader.api")
 routes = web.RouteTableDef()
+_R = TypeVar("_R")
 
 _IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/bmp", "image/x-ms-bmp", "image/webp"}
 _RAW_TYPES = {"application/octet-stream", ""}
@@ -95,17 +98,21 @@ async def _multipart_image(request: web.Request, max_parts: int) -> bytes:
     raise BadRequest("multipart body has no 'image' field")
 
 
-async def _detect(request: web.Request) -> DetectResult:
-    threshold, maxn, labels = _query_params(request)
-    data = await _read_image(request)
+async def _image_errors_as_http(call: Awaitable[_R]) -> _R:
     try:
-        result = await request.app[ENGINE].detect(data, threshold, maxn, labels)
+        return await call
     except ImageDecodeError as exc:
         raise BadRequest(f"cannot decode the image: {exc}") from exc
     except UnsupportedImageType as exc:
         raise UnsupportedMediaType(str(exc)) from exc
     except ImageTooLarge as exc:
         raise PayloadTooLarge(str(exc)) from exc
+
+
+async def _detect(request: web.Request) -> DetectResult:
+    threshold, maxn, labels = _query_params(request)
+    data = await _read_image(request)
+    result = await _image_errors_as_http(request.app[ENGINE].detect(data, threshold, maxn, labels))
     structlog.contextvars.bind_contextvars(model=result.model.name, model_version=result.model.version)
     return result
 
@@ -137,6 +144,26 @@ async def score(request: web.Request) -> web.Response:
             },
         })
     return web.json_response({"inferences": inferences})
+
+
+@routes.post("/classify")
+async def classify(request: web.Request) -> web.Response:
+    """The top ``k`` classes of an image classifier (409 on a detector)."""
+    try:
+        k = int(request.query.get("k", "5"))
+        if k < 1:
+            raise ValueError
+    except ValueError:
+        raise BadRequest("'k' must be a whole number of at least 1") from None
+    data = await _read_image(request)
+    result = await _image_errors_as_http(request.app[ENGINE].classify(data, k))
+    structlog.contextvars.bind_contextvars(model=result.model.name, model_version=result.model.version)
+    return web.json_response({
+        "model": {"name": result.model.name, "version": result.model.version},
+        "image": {"width": result.width, "height": result.height},
+        "classes": result.classes,
+        "timing_ms": result.timing_ms,
+    })
 
 
 # -- health and metadata ----------------------------------------------------------------------------
@@ -193,6 +220,8 @@ async def v2_model(request: web.Request) -> web.Response:
         "name": model.info.name,
         "versions": [model.info.version],
         "platform": f"{sig.format}",
+        "task": model.info.task,
+        "handler": model.info.handler,
         "inputs": tensors(sig.inputs),
         "outputs": tensors(sig.outputs),
     })
@@ -206,6 +235,13 @@ async def v2_model_ready(request: web.Request) -> web.Response:
 
 
 # -- the repository ---------------------------------------------------------------------------------
+
+
+def _task_of(handler: Any) -> str | None:
+    """What a stored version's handler answers ("detect" or "classify"), by the name it was installed with."""
+    family = lookup(handler) if isinstance(handler, str) else None
+    return family.task if family is not None else None
+
 
 
 @routes.get("/models")
@@ -233,7 +269,7 @@ async def list_models(request: web.Request) -> web.Response:
         r = v.record
         versions.append({
             "name": v.name, "version": v.version, "state": state,
-            "handler": r.get("handler"), "sha256": r.get("model_sha256"),
+            "handler": r.get("handler"), "task": _task_of(r.get("handler")), "sha256": r.get("model_sha256"),
             "package": r.get("package"), "package_sha256": r.get("package_sha256"),
             "source": r.get("source"), "installed_at": r.get("installed_at"),
             "last_problem": trouble.get(v.key),

@@ -18,6 +18,7 @@ import structlog
 from PIL import Image
 
 from handlers.base import Handler, HandlerMismatch, OptionsRejected, choose_handler
+from handlers.classifier import ImageClassifier
 from handlers.onnx_external import ModelFormatError, external_data_locations
 from handlers.runtimes import ModelLoadError, Runtime, open_runtime
 from supervisor.errors import ModelInvalid
@@ -42,12 +43,14 @@ class ModelInfo:
     model_sha256: str
     score_threshold: float
     labels: tuple[str, ...]
+    task: str = "detect"  # what the model answers: "detect" (POST /detect) or "classify" (POST /classify)
 
     def public(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": self.version,
             "handler": self.handler,
+            "task": self.task,
             "model_file": self.model_file,
             "sha256": self.model_sha256,
             "score_threshold": self.score_threshold,
@@ -113,6 +116,11 @@ def load_model(
         raise ModelInvalid(
             "no labels: add labels.txt (one class name per line) or name the labels file in model.json"
         )
+    try:
+        labels = handler.fit_labels(labels)
+    except ValueError as exc:
+        runtime.close()
+        raise ModelInvalid(str(exc)) from exc
     expected = handler.num_classes
     if expected is not None and len(labels) < expected:
         raise ModelInvalid(f"labels file has {len(labels)} names but the model has {expected} classes")
@@ -126,6 +134,7 @@ def load_model(
         model_sha256=known.get(manifest.model_file) or file_sha256(folder / manifest.model_file),
         score_threshold=manifest.score_threshold if manifest.score_threshold is not None else default_threshold,
         labels=tuple(labels),
+        task=handler.task,
     )
     return LoadedModel(info=info, runtime=runtime, handler=handler)
 
@@ -174,7 +183,10 @@ def load_and_warm(
         blank = Image.new("RGB", (max(w, 1), max(h, 1)), (114, 114, 114))
         prepared = model.handler.preprocess(blank)
         outputs = model.runtime.run(prepared.feeds)
-        model.handler.postprocess(outputs, prepared)
+        if isinstance(model.handler, ImageClassifier):
+            model.handler.classify(outputs, prepared)
+        else:
+            model.handler.postprocess(outputs, prepared)
     except Exception as exc:  # any failure here means the model is unusable
         model.runtime.close()
         raise ModelInvalid(user_reason(f"warm-up inference failed: {describe_error(exc)}", None, folder)) from exc
