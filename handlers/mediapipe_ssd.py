@@ -22,6 +22,7 @@ options beside it), with the handler named in model.json.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
@@ -196,15 +197,29 @@ class MediapipeSsd(Handler):
                 f"handler_options.anchors make {len(self._anchors)} anchors but the model has {roles.num_anchors}"
             )
         w, h = self._size
-        # x_scale, y_scale, w_scale, h_scale as float32, like MediaPipe's arithmetic.
-        self._scale = np.array([opts.x_scale or w, opts.y_scale or h, opts.w_scale or w, opts.h_scale or h],
-                               np.float32)
+        # Every raw value is decoded as raw * multiplier + offset, per anchor and per (x, y) pair: pair 0
+        # is the box centre, pair 1 its size, then the keypoints (MediaPipe: x / x_scale * anchor w +
+        # anchor x centre; sizes: w / w_scale * anchor w). Made once, so a request does three
+        # vectorised operations on its candidates, whatever the number of keypoints.
+        pairs = self._coords // 2
+        anchor_wh, anchor_xy = self._anchors[:, None, 2:4], self._anchors[:, None, 0:2]
+        divisors = np.tile(np.array([opts.x_scale or w, opts.y_scale or h], np.float32), (pairs, 1))
+        divisors[1] = (opts.w_scale or w, opts.h_scale or h)
+        self._multiplier = np.ascontiguousarray(anchor_wh / divisors[None], dtype=np.float32)
+        offset = np.repeat(anchor_xy, pairs, axis=1)
+        offset[:, 1] = 0.0
+        self._offset = np.ascontiguousarray(offset, dtype=np.float32)
+        self._exp_divisor = divisors[1]
         self._yx = opts.box_format == "yxhw"
         low, high = opts.input_range or (self.known.input_range if self.known else (-1.0, 1.0))
         self._pixels = PixelScale.to_range(low, high)
         self._min_score = opts.min_score if opts.min_score is not None else (
             self.known.min_score if self.known else 0.5)
         self._clip = opts.score_clipping_thresh
+        # Candidates are found on the raw logits (the sigmoid is monotonic), a hair below the
+        # threshold; their exact scores decide.
+        m = min(max(self._min_score, 1e-7), 1.0 - 1e-7)
+        self._logit_floor = math.log(m / (1.0 - m)) - 1e-3 if opts.sigmoid_score else self._min_score
 
     @classmethod
     def matches(cls, signature: Signature) -> bool:
@@ -248,35 +263,36 @@ class MediapipeSsd(Handler):
         return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
     def postprocess(self, outputs: Mapping[str, np.ndarray], prepared: Prepared) -> list[Detection]:
-        scores = self._scores_of(np.asarray(outputs[self._scores]).reshape(-1))
-        idx = np.flatnonzero(scores >= self._min_score)
-        if idx.size == 0:
+        logits = np.asarray(outputs[self._scores]).reshape(-1)
+        idx = np.flatnonzero(logits >= self._logit_floor)
+        scores = self._scores_of(logits[idx])
+        keep = scores >= self._min_score
+        idx, scores = idx[keep], scores[keep]
+        n = idx.size
+        if n == 0:
             return []
-        raw = np.asarray(outputs[self._raw], dtype=np.float32).reshape(-1, self._coords)[idx]
+        raw = np.asarray(outputs[self._raw], dtype=np.float32).reshape(-1, self._coords)[idx].reshape(n, -1, 2)
         if self._yx:  # (y, x, h, w, ky, kx, ...) -> (x, y, w, h, kx, ky, ...)
-            raw = raw.reshape(len(idx), -1, 2)[:, :, ::-1].reshape(len(idx), -1)
-        anchors = self._anchors[idx]
-        sx, sy, sw, sh = self._scale
-        center = raw[:, 0:2] / np.array([sx, sy], np.float32) * anchors[:, 2:4] + anchors[:, 0:2]
-        size = raw[:, 2:4] / np.array([sw, sh], np.float32)
-        size = (np.exp(size) if self.options.apply_exponential_on_box_size else size) * anchors[:, 2:4]
-        half = size * np.float32(0.5)
-        keypoints = (raw[:, 4:].reshape(len(idx), -1, 2) / np.array([sx, sy], np.float32)
-                     * anchors[:, None, 2:4] + anchors[:, None, 0:2])
-        # Boxes and keypoints in one row each: the weighted NMS blends them together.
-        rows = np.concatenate((center - half, center + half, keypoints.reshape(len(idx), -1)), axis=1)
-        valid = np.all(size >= 0.0, axis=1) & np.all(np.isfinite(rows[:, :4]), axis=1)
-        rows, scores = rows[valid], scores[idx][valid]
+            raw = raw[:, :, ::-1]
+        decoded = raw * self._multiplier[idx] + self._offset[idx]  # (n, pairs, 2)
+        if self.options.apply_exponential_on_box_size:
+            decoded[:, 1] = np.exp(raw[:, 1] / self._exp_divisor) * self._anchors[idx, 2:4]
+        center, size = decoded[:, 0], decoded[:, 1]
+        # Rows: xmin, ymin, xmax, ymax, then the keypoints (the weighted NMS blends them all).
+        decoded[:, 0], decoded[:, 1] = center - size * np.float32(0.5), center + size * np.float32(0.5)
+        rows = decoded.reshape(n, -1)
+        valid = (size >= 0.0).all(axis=1) & np.isfinite(rows[:, :4]).all(axis=1)
+        if not valid.all():
+            rows, scores = rows[valid], scores[valid]
         if self.options.nms_algorithm == "weighted":
             rows, scores = weighted_nms(rows, scores, self.options.min_suppression_threshold)
         else:
             kept = nms(rows, scores, self.options.min_suppression_threshold)
             rows, scores = rows[kept], scores[kept]
-        # Undo the letterbox: tensor space (0..1 of the input) -> 0..1 of the image, x/y pairs.
+        # Undo the letterbox: 0..1 of the input -> 0..1 of the image, every x/y pair at once.
         geo: Letterbox = prepared.meta["letterbox"]
         (cw, ch), (left, top) = geo.content_size, geo.offset
         w, h = self._size
-        xy = rows.reshape(len(rows), -1, 2)
-        xy = (xy * np.array([w, h], np.float32) - np.array([left, top], np.float32)) / np.array([cw, ch], np.float32)
-        boxes = xy[:, :2].reshape(-1, 4)
-        return to_detections(boxes, scores, 0, keypoints=xy[:, 2:])
+        xy = rows.reshape(len(rows), -1, 2) * np.array([w / cw, h / ch], np.float32) - np.array(
+            [left / cw, top / ch], np.float32)
+        return to_detections(xy[:, :2].reshape(-1, 4), scores, 0, keypoints=xy[:, 2:])
