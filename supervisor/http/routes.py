@@ -5,8 +5,7 @@ into JSON ``{"error": {"code", "message"}}``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -30,7 +29,6 @@ __all__ = ["routes"]
 
 log = structlog.get_logger("edgeloader.api")
 routes = web.RouteTableDef()
-_R = TypeVar("_R")
 
 _IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/bmp", "image/x-ms-bmp", "image/webp"}
 _RAW_TYPES = {"application/octet-stream", ""}
@@ -98,21 +96,25 @@ async def _multipart_image(request: web.Request, max_parts: int) -> bytes:
     raise BadRequest("multipart body has no 'image' field")
 
 
-async def _image_errors_as_http(call: Awaitable[_R]) -> _R:
-    try:
-        return await call
-    except ImageDecodeError as exc:
-        raise BadRequest(f"cannot decode the image: {exc}") from exc
-    except UnsupportedImageType as exc:
-        raise UnsupportedMediaType(str(exc)) from exc
-    except ImageTooLarge as exc:
-        raise PayloadTooLarge(str(exc)) from exc
+_IMAGE_ERRORS = (ImageDecodeError, UnsupportedImageType, ImageTooLarge)
+
+
+def _image_error(exc: Exception) -> Exception:
+    """What an image the engine could not take answers: 400, 415 or 413."""
+    if isinstance(exc, UnsupportedImageType):
+        return UnsupportedMediaType(str(exc))
+    if isinstance(exc, ImageTooLarge):
+        return PayloadTooLarge(str(exc))
+    return BadRequest(f"cannot decode the image: {exc}")
 
 
 async def _detect(request: web.Request) -> DetectResult:
     threshold, maxn, labels = _query_params(request)
     data = await _read_image(request)
-    result = await _image_errors_as_http(request.app[ENGINE].detect(data, threshold, maxn, labels))
+    try:
+        result = await request.app[ENGINE].detect(data, threshold, maxn, labels)
+    except _IMAGE_ERRORS as exc:
+        raise _image_error(exc) from exc
     structlog.contextvars.bind_contextvars(model=result.model.name, model_version=result.model.version)
     return result
 
@@ -156,7 +158,10 @@ async def classify(request: web.Request) -> web.Response:
     except ValueError:
         raise BadRequest("'k' must be a whole number of at least 1") from None
     data = await _read_image(request)
-    result = await _image_errors_as_http(request.app[ENGINE].classify(data, k))
+    try:
+        result = await request.app[ENGINE].classify(data, k)
+    except _IMAGE_ERRORS as exc:
+        raise _image_error(exc) from exc
     structlog.contextvars.bind_contextvars(model=result.model.name, model_version=result.model.version)
     return web.json_response({
         "model": {"name": result.model.name, "version": result.model.version},
