@@ -23,7 +23,6 @@ from handlers.options import HandlerOptions
 
 __all__ = [
     "REGISTRY",
-    "Classification",
     "Detection",
     "Handler",
     "HandlerMismatch",
@@ -74,14 +73,6 @@ class Detection:
     score: float
     box: tuple[float, float, float, float]
     keypoints: tuple[tuple[float, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class Classification:
-    """One class of an image classifier's answer, its score a probability (0..1)."""
-
-    class_id: int
-    score: float
 
 
 @dataclass

@@ -216,10 +216,19 @@ class MediapipeSsd(Handler):
         self._min_score = opts.min_score if opts.min_score is not None else (
             self.known.min_score if self.known else 0.5)
         self._clip = opts.score_clipping_thresh
-        # Candidates are found on the raw logits (the sigmoid is monotonic), a hair below the
-        # threshold; their exact scores decide.
-        m = min(max(self._min_score, 1e-7), 1.0 - 1e-7)
-        self._logit_floor = math.log(m / (1.0 - m)) - 1e-3 if opts.sigmoid_score else self._min_score
+        self._logit_floor = self._candidate_floor()
+
+    def _candidate_floor(self) -> float:
+        """Candidates are found on the raw logits (the sigmoid is monotonic), a hair below the
+        threshold; their exact scores decide. -inf where every logit may pass (clipping lifts the
+        lowest ones to a passing score, or the threshold is 0)."""
+        if not self.options.sigmoid_score:
+            return self._min_score
+        if self._min_score <= 0.0:
+            return -math.inf
+        m = min(self._min_score, 1.0 - 1e-7)
+        floor = math.log(m / (1.0 - m)) - 1e-3
+        return -math.inf if self._clip is not None and floor <= -self._clip else floor
 
     @classmethod
     def matches(cls, signature: Signature) -> bool:

@@ -154,3 +154,17 @@ def test_known_models_are_told_apart_by_signature() -> None:
     for known in KNOWN_MODELS:
         anchors = ssd_anchors(known.anchors, (known.input_size, known.input_size))
         assert len(anchors) == known.num_anchors
+
+
+@pytest.mark.parametrize(("options", "found"), [
+    ({"min_score": 0.0}, 32),  # every anchor, however low its logit (-50 here)
+    ({"min_score": 0.1, "score_clipping_thresh": 1.0}, 32),  # clipped to -1: sigmoid 0.27 passes
+    ({"min_score": 0.3, "score_clipping_thresh": 1.0}, 1),
+])
+def test_score_threshold_and_clipping_decide_as_mediapipe(options: dict, found: int) -> None:
+    handler = choose_handler(CUSTOM, name="mediapipe_ssd", options={
+        "anchors": CUSTOM_ANCHORS, "nms_algorithm": "default", "min_suppression_threshold": 1.0, **options})
+    # Each anchor predicts its own 1x1-pixel box at its centre, so none overlaps another.
+    outputs = planted({0: (5.0, [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])})
+    outputs["raw"][0, :, 2:4] = 1.0
+    assert len(handler.postprocess(outputs, handler.preprocess(Image.new("RGB", (64, 64))))) == found
