@@ -32,6 +32,7 @@ __all__ = [
     "Signature",
     "TensorSpec",
     "choose_handler",
+    "lookup",
     "model_metadata",
     "register",
 ]
@@ -67,11 +68,13 @@ class Signature:
 
 @dataclass(frozen=True)
 class Detection:
-    """One detection, box normalised to the original image: (xmin, ymin, xmax, ymax) in 0..1."""
+    """One detection, box normalised to the original image: (xmin, ymin, xmax, ymax) in 0..1;
+    keypoints (x, y) normalised the same way but not clipped (they may lie outside the image)."""
 
     class_id: int
     score: float
     box: tuple[float, float, float, float]
+    keypoints: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass
@@ -117,6 +120,10 @@ class Handler(ABC):
     # The tasks a model's metadata may name for this family to run it (Ultralytics: detect, segment,
     # classify, pose, obb). A model whose metadata names none of any family's is refused by name.
     tasks: ClassVar[frozenset[str]] = frozenset({"detect"})
+    # Other names model.json may give this family by (former names, kept for installed packages).
+    aliases: ClassVar[tuple[str, ...]] = ()
+    # What the family answers: "detect" (postprocess: detections) or "classify" (see classifier.py).
+    task: ClassVar[str] = "detect"
 
     def __init__(self, signature: Signature, options: Mapping[str, Any] | HandlerOptions | None = None) -> None:
         """Raises pydantic's ValidationError when ``options`` do not fit ``options_model``, and
@@ -138,6 +145,13 @@ class Handler(ABC):
     def matches(cls, signature: Signature) -> bool:
         """True when this family can run a model with this signature."""
 
+    @classmethod
+    def accepts(cls, signature: Signature, options: HandlerOptions) -> bool:
+        """True when this family, *named* in model.json with these options, can run the model. A
+        family may take more here than it claims by signature alone (a model whose decoding the
+        options describe)."""
+        return cls.matches(signature)
+
     @property
     def input_size(self) -> tuple[int, int]:
         """(width, height) the model wants; the image decoder may decode JPEGs at reduced size
@@ -154,6 +168,11 @@ class Handler(ABC):
         """Class names the model file carries (its metadata); None when it carries none. A labels
         file in the package beats them."""
         return self.metadata.names
+
+    def fit_labels(self, labels: Sequence[str]) -> list[str]:
+        """The labels file's names, aligned with the model's class ids (called once, at load time).
+        Raises ValueError (the reason, one line) when they cannot be."""
+        return list(labels)
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> Prepared:
@@ -176,14 +195,25 @@ class Handler(ABC):
 
 
 REGISTRY: dict[str, type[Handler]] = {}
+# Former names of families -> the family (model.json may still say them).
+ALIASES: dict[str, type[Handler]] = {}
 
 
 def register(cls: type[Handler]) -> type[Handler]:
-    """Class decorator adding a handler to the registry under its ``name``."""
-    if cls.name in REGISTRY:
-        raise ValueError(f"handler {cls.name!r} registered twice")
+    """Class decorator adding a handler to the registry under its ``name`` (and its aliases)."""
+    for name in (cls.name, *cls.aliases):
+        if name in REGISTRY or name in ALIASES:
+            raise ValueError(f"handler {name!r} registered twice")
     REGISTRY[cls.name] = cls
+    ALIASES.update(dict.fromkeys(cls.aliases, cls))
     return cls
+
+
+def lookup(name: str) -> type[Handler] | None:
+    """The family named ``name`` (or by a former name of it), if any."""
+    import handlers  # noqa: F401  (importing the package registers every family)
+
+    return REGISTRY.get(name) or ALIASES.get(name)
 
 
 def describe(signature: Signature) -> str:
@@ -203,14 +233,18 @@ def choose_handler(
     if task is not None and not any(task in cls.tasks for cls in REGISTRY.values()):
         raise HandlerMismatch(_task_refusal(task))
     if name:
-        cls = REGISTRY.get(name)
+        cls = lookup(name)
         if cls is None:
             raise HandlerMismatch(f"unknown handler {name!r}; known: {', '.join(sorted(REGISTRY))}")
         if task is not None and task not in cls.tasks:
             raise HandlerMismatch(f"handler {name!r} does not run {task!r} models (the task in the model's metadata)")
-        if not cls.matches(signature):
+        try:
+            parsed = cls.parse_options(options)
+        except ValidationError as exc:
+            raise OptionsRejected(cls.name, cls.options_model, exc) from None
+        if not cls.accepts(signature, parsed):
             raise HandlerMismatch(f"handler {name!r} does not fit the model: {describe(signature)}")
-        return _make(cls, signature, options)
+        return _make(cls, signature, parsed)
     fits = [cls for cls in REGISTRY.values() if (task is None or task in cls.tasks) and cls.matches(signature)]
     if not fits:
         # The action first: a reason shown in the twin is cut at ~200 characters, the signature may be long.
@@ -236,11 +270,8 @@ _TASKS = {
 
 def _task_refusal(task: str) -> str:
     what = _TASKS.get(task, "not a detection model")
-    if task == "classify":
-        return (f"the model is {what} (task 'classify' in its metadata): classification models are not "
-                "served yet; export a detection model (task 'detect')")
-    return (f"the model is {what} (task {task!r} in its metadata); only detection models (task 'detect') are "
-            "served: export one with task 'detect'")
+    return (f"the model is {what} (task {task!r} in its metadata); only detection and classification models "
+            "(task 'detect' or 'classify') are served: export one of those")
 
 
 def _make(cls: type[Handler], signature: Signature, options: Mapping[str, Any] | HandlerOptions | None) -> Handler:

@@ -92,6 +92,7 @@ def weighted_nms(
     Take the best remaining box; every remaining box whose IoU with it is *above* the
     threshold (itself included) joins its cluster; the output box is the score-weighted mean
     of the cluster's corners and keeps the best box's score. Returns (boxes, scores), best first.
+    Rows may carry more values after the four corners (keypoints): they are blended the same way.
     """
     order = _by_score(scores)
     out_boxes: list[np.ndarray] = []
@@ -111,12 +112,15 @@ def weighted_nms(
         out_scores.append(float(scores[best]))
         order = order[~overlap]
     if not out_boxes:
-        return np.zeros((0, 4), dtype=boxes.dtype), np.zeros(0, dtype=scores.dtype)
+        return np.zeros((0, boxes.shape[1]), dtype=boxes.dtype), np.zeros(0, dtype=scores.dtype)
     return np.stack(out_boxes), np.asarray(out_scores, dtype=scores.dtype)
 
 
-def to_detections(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray | int) -> list[Detection]:
-    """Normalised xyxy boxes -> clipped ``Detection`` list sorted best first.
+def to_detections(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray | int, keypoints: np.ndarray | None = None
+) -> list[Detection]:
+    """Normalised xyxy boxes -> clipped ``Detection`` list sorted best first. ``keypoints`` (N, K, 2),
+    normalised x/y, are kept as they are (not clipped).
 
     Boxes with no area left after clipping (one lying wholly in the letterbox padding or outside
     the image, an inverted or non-finite one) are dropped: they show nothing."""
@@ -126,9 +130,12 @@ def to_detections(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray | i
     scores = np.asarray(scores)
     ids = np.broadcast_to(np.asarray(classes), scores.shape).tolist()
     values = scores.tolist()
+    points: list[tuple[tuple[float, float], ...]] = [()] * len(values) if keypoints is None else [
+        tuple((p[0], p[1]) for p in row) for row in np.asarray(keypoints, dtype=np.float64).tolist()
+    ]
     # Plain floats from here: for the handful of boxes a request returns, cheaper than numpy per item.
     return [
-        Detection(int(ids[i]), float(values[i]), (b[0], b[1], b[2], b[3]))
+        Detection(int(ids[i]), float(values[i]), (b[0], b[1], b[2], b[3]), points[i])
         for i in _by_score(scores).tolist()
         if (b := rows[i])[2] > b[0] and b[3] > b[1]
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,6 +30,12 @@ from supervisor.updates.repository import Repository
 from supervisor.updates.watcher import PackageWatcher
 
 # -- settings and the update path ------------------------------------------------------------------
+
+
+# pytest removes old temporary folders with shutil.rmtree, which recurses once per level: a tree left
+# 1000 folders deep (the deep-nesting attack tests build one; a run killed half-way can leave it) would
+# end the next session in RecursionError. Python 3.11 frames of pure-Python recursion cost no C stack.
+sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ check decoded boxes, ids and scores numerically. The image input is wired into t
   input tensor (so preprocessing choices are observable in what comes out).
 - TFLite (LiteRT flatbuffer object API): SSD with the real ``TFLite_Detection_PostProcess`` op,
   float or uint8-quantized input, outputs in op order or scrambled as TF2 converters leave them.
+- Image classifiers (ONNX NCHW float; TFLite NHWC float, uint8 or int8 quantized in and out, as
+  TF's quantized MobileNets): scores are a known function of the image's mean colour.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ __all__ = [
     "YOLOV3_TRUTH",
     "YOLO_TRUTH",
     "Truth",
+    "classifier_onnx",
+    "classifier_tflite",
+    "classifier_weights",
     "end2end_onnx",
     "probe_onnx",
     "rtdetr_onnx",
@@ -349,18 +354,46 @@ def yolov5_onnx(
 
 
 def unrelated_onnx(path: Path) -> Path:
-    """A classifier: image [1,3,32,32] -> logits [1,10]; no detection family fits it."""
+    """An image-to-image model: image [1,3,32,32] -> enhanced [1,3,32,32]; no family fits it."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["data", "gain"], ["enhanced"])],
+        "enhancer",
+        [helper.make_tensor_value_info("data", _F, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("enhanced", _F, [1, 3, 32, 32])],
+        [_const("gain", np.float32(2.0))],
+    )
+    return _save(graph, path, 13)
+
+
+def classifier_weights(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(W [C, 3], b [C]) of the generated classifiers: logits = mean(tensor per channel) @ W.T + b.
+
+    Class c's weights point at a colour, so that uniform images of different colours win different
+    classes; fixed by a seed so tests can compute the expected answer."""
+    rng = np.random.default_rng(12)
+    return rng.normal(0.0, 3.0, (num_classes, 3)).astype(np.float32), rng.normal(0.0, 0.5, num_classes).astype(
+        np.float32)
+
+
+def classifier_onnx(path: Path, num_classes: int = 1000, size: int = 224, softmax: bool = False,
+                    dynamic: bool = False) -> Path:
+    """An ONNX image classifier (NCHW float input, as the ONNX model zoo's ResNet and MobileNet):
+    scores [1, C] = (softmax of) mean per channel @ W.T + b, see ``classifier_weights``."""
+    w, b = classifier_weights(num_classes)
     nodes = [
         helper.make_node("GlobalAveragePool", ["data"], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "weights"], ["logits"]),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["logits" if softmax else "scores"], transB=1),
     ]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["scores"], axis=1))
+    side: Sequence[int | str] = ("H", "W") if dynamic else (size, size)
     graph = helper.make_graph(
         nodes,
         "classifier",
-        [helper.make_tensor_value_info("data", _F, [1, 3, 32, 32])],
-        [helper.make_tensor_value_info("logits", _F, [1, 10])],
-        [_const("weights", np.ones((3, 10), np.float32))],
+        [helper.make_tensor_value_info("data", _F, [1, 3, *side])],
+        [helper.make_tensor_value_info("scores", _F, [1, num_classes])],
+        [_const("w", w), _const("b", b)],
     )
     return _save(graph, path, 13)
 
@@ -459,6 +492,59 @@ def ssd_tflite(
         subgraphs=[tfl.SubGraphT(tensors=g.tensors, inputs=[image], outputs=order, operators=ops, name="main")],
         buffers=g.buffers,
         description="modelgen ssd",
+    )
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(builder.Output())
+    return path
+
+
+# (input scale, zero point) of the quantized classifiers: raw pixels map onto [-1, 1]; outputs are
+# probabilities in steps of 1/256, as TF's quantized MobileNets have them.
+CLASSIFIER_INPUT_QUANT = {"uint8": (0.0078125, 128), "int8": (0.0078125, 0)}
+CLASSIFIER_OUTPUT_QUANT = {"uint8": (1 / 256, 0), "int8": (1 / 256, -128)}
+
+
+def classifier_tflite(path: Path, num_classes: int = 1001, size: int = 224, quantized: str | None = None) -> Path:
+    """A TFLite image classifier (NHWC, softmax inside, as TF's MobileNets): probabilities [1, C] =
+    softmax(mean per channel of the [-1, 1] tensor @ W.T + b), see ``classifier_weights``.
+    ``quantized`` ("uint8" or "int8"): quantized input (raw pixels) and output (1/256 steps)."""
+    g = _TfliteGraph()
+    w, b = classifier_weights(num_classes)
+    ttypes = {"uint8": tfl.TensorType.UINT8, "int8": tfl.TensorType.INT8}
+    shape = (1, size, size, 3)
+    if quantized:
+        image = g.tensor("input", shape, ttypes[quantized], quant=CLASSIFIER_INPUT_QUANT[quantized])
+        real = g.tensor("input_float", shape)
+    else:
+        image = real = g.tensor("input", shape)
+    axes = g.tensor("axes", (2,), tfl.TensorType.INT32, np.array([1, 2], np.int32))
+    pooled = g.tensor("pooled", (1, 3))
+    weights = g.tensor("weights", (num_classes, 3), data=w)
+    bias = g.tensor("bias", (num_classes,), data=b)
+    logits = g.tensor("logits", (1, num_classes))
+    probs = g.tensor("probabilities" if not quantized else "probabilities_float", (1, num_classes))
+    op = tfl.BuiltinOperator
+    codes = [op.DEQUANTIZE, op.MEAN, op.FULLY_CONNECTED, op.SOFTMAX, op.QUANTIZE]
+    kinds = tfl.BuiltinOptions
+    ops = [
+        tfl.OperatorT(1, [real, axes], [pooled], kinds.ReducerOptions, tfl.ReducerOptionsT(keepDims=False)),
+        tfl.OperatorT(2, [pooled, weights, bias], [logits], kinds.FullyConnectedOptions,
+                      tfl.FullyConnectedOptionsT()),
+        tfl.OperatorT(3, [logits], [probs], kinds.SoftmaxOptions, tfl.SoftmaxOptionsT(beta=1.0)),
+    ]
+    output = probs
+    if quantized:
+        ops.insert(0, tfl.OperatorT(0, [image], [real]))
+        output = g.tensor("probabilities", (1, num_classes), ttypes[quantized],
+                          quant=CLASSIFIER_OUTPUT_QUANT[quantized])
+        ops.append(tfl.OperatorT(4, [probs], [output]))
+    model = tfl.ModelT(
+        version=3,
+        operatorCodes=[tfl.OperatorCodeT(deprecatedBuiltinCode=c, builtinCode=c) for c in codes],
+        subgraphs=[tfl.SubGraphT(tensors=g.tensors, inputs=[image], outputs=[output], operators=ops, name="main")],
+        buffers=g.buffers,
+        description="modelgen classifier",
     )
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")

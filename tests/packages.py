@@ -9,7 +9,7 @@ The ONNX models are real models built with ``onnx.helper``, small enough to load
 - ``ssd_onnx(fail_on_real_images=True)``: the same, except that a Reshape's target shape grows by
   one row as soon as the image is not uniform. The blank warm-up image passes; every real image
   makes onnxruntime fail (the kind of model only real traffic can unmask: auto-rollback).
-- ``no_handler_onnx``: an image classifier (one [1, 10] output): no detection handler fits.
+- ``no_handler_onnx``: an image-to-image model (one [1, 3, 32, 32] output): no family fits it.
 - ``pose_onnx``: an Ultralytics pose export ([1, 56, N] head, task 'pose' in its metadata): it would
   decode as 52 classes of boxes, so its metadata's task refuses it.
 """
@@ -141,18 +141,13 @@ def ssd_onnx(fail_on_real_images: bool = False, box: tuple[float, float, float, 
 
 @cache
 def no_handler_onnx() -> bytes:
-    """An image classifier: float NCHW in, one [1, 10] score vector out."""
-    weights = np.linspace(-1, 1, 30, dtype=np.float32).reshape(3, 10)
+    """An image-to-image model (float NCHW in, a [1, 3, 32, 32] map out): no family fits it."""
     graph = helper.make_graph(
-        [
-            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["flat"]),
-            helper.make_node("MatMul", ["flat", "w"], ["scores"]),
-        ],
-        "classifier",
+        [helper.make_node("Mul", ["input", "two"], ["enhanced"])],
+        "enhancer",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 10])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [3, 10], weights.ravel().tolist())],
+        [helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -284,9 +279,10 @@ BAD_PACKAGES: dict[str, tuple[str, Any, dict[str, str], tuple[str, ...]]] = {
     "garbage-model": ("garbage.zip", lambda: zip_bytes(package_files(
         "garbage", "1", "model.onnx", np.random.default_rng(7).bytes(4096), SSD_LABELS)),
         {}, ("cannot load", "model.onnx")),
-    "no-handler": ("classifier.zip", lambda: zip_bytes(package_files(
-        "classifier", "1", "model.onnx", no_handler_onnx(), "a\nb\n")), {}, ("no handler matches",)),
-    "ultralytics-pose": ("pose.zip", lambda: zip_bytes(_pose_files()), {}, ("task 'pose'", "detection models")),
+    "no-handler": ("enhancer.zip", lambda: zip_bytes(package_files(
+        "enhancer", "1", "model.onnx", no_handler_onnx(), "a\nb\n")), {}, ("no handler matches",)),
+    "ultralytics-pose": ("pose.zip", lambda: zip_bytes(_pose_files()), {},
+                         ("task 'pose'", "detection and classification models")),
     "not-a-zip": ("notes.zip", lambda: b"These are my notes, not a model.\n" * 20, {}, ("not a valid zip",)),
     "empty-file": ("empty.zip", lambda: b"", {}, ("empty",)),
 }

@@ -56,6 +56,19 @@ async def test_detect_finds_the_one_face_on_a_real_photo(client: TestClient) -> 
     assert set(body["timing_ms"]) >= {"decode", "inference"}
 
 
+async def test_blazeface_detections_carry_their_six_keypoints_in_pixels(client: TestClient) -> None:
+    _, body = await detect(client, ASTRONAUT)
+    [face] = body["detections"]
+    box, points = face["box"], face["keypoints"]
+    # Right eye, left eye, nose tip, mouth centre, right ear tragion, left ear tragion (MediaPipe's order).
+    assert len(points) == 6 and all(set(p) == {"x", "y"} for p in points)
+    right_eye, left_eye, nose, mouth = points[:4]
+    assert right_eye["x"] < nose["x"] < left_eye["x"]  # the subject's right is the image's left
+    assert max(right_eye["y"], left_eye["y"]) < nose["y"] < mouth["y"]
+    for p in points[:4]:
+        assert box["xmin"] < p["x"] < box["xmax"] and box["ymin"] < p["y"] < box["ymax"]
+
+
 async def test_png_multipart_and_octet_stream_give_the_same_face(client: TestClient) -> None:
     buf = io.BytesIO()
     Image.fromarray(skdata.astronaut()).save(buf, "PNG")
@@ -161,7 +174,7 @@ async def test_no_model_means_503(client: TestClient) -> None:
 async def test_models_lists_the_active_version_with_handler_and_hash(client: TestClient) -> None:
     body = await (await client.get("/models")).json()
     assert body["active"]["name"] == "blazeface-short-range"
-    assert body["active"]["handler"] == "blazeface"
+    assert body["active"]["handler"] == "mediapipe_ssd"
     assert len(body["active"]["sha256"]) == 64
     [version] = body["versions"]
     assert version["state"] == "active" and version["sha256"] == body["active"]["sha256"]

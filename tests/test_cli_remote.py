@@ -45,7 +45,7 @@ async def test_status_activate_and_rollback(server) -> None:
     url = str(server.make_url("/"))
     status = await edgeloader("status", "--url", url)
     assert status.returncode == 0, status.stderr
-    assert "active:   blazeface-short-range 1 (handler blazeface" in status.stdout
+    assert "active:   blazeface-short-range 1 (handler mediapipe_ssd" in status.stdout
     assert "tiny-ssd 2  stored" in status.stdout and "twin:" in status.stdout
 
     refused = await edgeloader("activate", "tiny-ssd", "2", "--url", url)

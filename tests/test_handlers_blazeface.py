@@ -10,8 +10,8 @@ from PIL import Image
 from skimage import data
 
 from handlers import Handler, choose_handler
+from handlers.anchors import SsdAnchorOptions, ssd_anchors
 from handlers.base import Detection, Prepared
-from handlers.blazeface import ssd_anchor_centers
 from handlers.imaging import letterbox_geometry
 from handlers.runtimes import Runtime, open_runtime
 
@@ -61,6 +61,14 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def ssd_anchor_centers(size: int, strides: tuple[int, ...], interpolated: float) -> np.ndarray:
+    options = SsdAnchorOptions(min_scale=0.1484375, max_scale=0.75, strides=strides,
+                               interpolated_scale_aspect_ratio=interpolated, fixed_anchor_size=True)
+    anchors = ssd_anchors(options, (size, size))
+    np.testing.assert_array_equal(anchors[:, 2:], 1.0)  # fixed_anchor_size
+    return anchors[:, :2]
 
 
 def test_anchor_layout_matches_the_ssd_anchors_calculator() -> None:

@@ -25,6 +25,8 @@ BUILDERS: list[tuple[str, Callable[[Path], Path], str]] = [
     ("ssd.tflite", modelgen.ssd_tflite, "tflite_ssd"),
     ("ssd_q.tflite", lambda p: modelgen.ssd_tflite(p, quantized=True), "tflite_ssd"),
     ("ssd_s.tflite", lambda p: modelgen.ssd_tflite(p, scrambled=True), "tflite_ssd"),
+    ("resnet.onnx", lambda p: modelgen.classifier_onnx(p, size=32), "classifier"),
+    ("mobilenet_q.tflite", lambda p: modelgen.classifier_tflite(p, size=32, quantized="uint8"), "classifier"),
 ]
 
 
@@ -32,8 +34,14 @@ def fitting(signature: Signature) -> list[str]:
     return sorted(name for name, cls in REGISTRY.items() if cls.matches(signature))
 
 
-def test_all_five_families_are_registered() -> None:
-    assert sorted(REGISTRY) == ["blazeface", "onnx_ssd", "onnx_yolov3", "tflite_ssd", "yolo"]
+def test_all_families_are_registered() -> None:
+    assert sorted(REGISTRY) == ["classifier", "mediapipe_ssd", "onnx_ssd", "onnx_yolov3", "tflite_ssd", "yolo"]
+
+
+def test_blazeface_is_still_a_name_of_the_mediapipe_family() -> None:
+    # Installed packages and manifests written before the family was generalised say "blazeface".
+    signature = open_runtime(SHORT_RANGE).signature
+    assert choose_handler(signature, name="blazeface").name == "mediapipe_ssd"
 
 
 @pytest.mark.parametrize(("filename", "build", "family"), BUILDERS, ids=[b[0] for b in BUILDERS])
@@ -47,19 +55,19 @@ def test_exactly_one_family_fits_each_generated_model(
 
 
 @pytest.mark.parametrize("path", [SHORT_RANGE, FULL_RANGE], ids=["short", "full"])
-def test_real_blazeface_models_fit_blazeface_only(path: Path) -> None:
+def test_real_blazeface_models_fit_the_mediapipe_family_only(path: Path) -> None:
     signature = open_runtime(path).signature
-    assert fitting(signature) == ["blazeface"]
+    assert fitting(signature) == ["mediapipe_ssd"]
 
 
 def test_unrelated_model_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    signature = open_runtime(modelgen.unrelated_onnx(tmp_path / "classifier.onnx")).signature
+    signature = open_runtime(modelgen.unrelated_onnx(tmp_path / "enhancer.onnx")).signature
     with pytest.raises(HandlerMismatch) as info:
         choose_handler(signature)
     message = str(info.value)
     assert "no handler matches" in message
-    assert "logits[1, 10]" in message  # says what the model looks like
-    assert "blazeface, onnx_ssd, onnx_yolov3, tflite_ssd, yolo" in message  # and what to name
+    assert "enhanced[1, 3, 32, 32]" in message  # says what the model looks like
+    assert "classifier, mediapipe_ssd, onnx_ssd, onnx_yolov3, tflite_ssd, yolo" in message  # and what to name
 
 
 def test_named_handler_must_fit_and_exist(tmp_path: Path) -> None:
@@ -86,7 +94,7 @@ def spec(name: str, shape: tuple[int | None, ...], dtype: str = "float32") -> Te
                 (spec("input", (1, 128, 128, 3)),),
                 (spec("scores", (1, 896, 1)), spec("boxes", (1, 896, 16))),
             ),
-            "blazeface",
+            "mediapipe_ssd",
         ),
         # EfficientDet-Lite style: uint8 input, TF2-scrambled outputs.
         (

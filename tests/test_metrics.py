@@ -68,7 +68,7 @@ async def test_requests_and_detection_stages_are_counted(aiohttp_client, setting
     [(info, one)] = [(dict(k[1]), v) for k, v in after.items() if k[0] == "edgeloader_active_model_info"]
     assert one == 1 and len(info["sha256"]) == 64
     assert (info["name"], info["version"], info["handler"], info["labels"]) == ("blazeface-short-range", "1",
-                                                                                  "blazeface", "1")
+                                                                                  "mediapipe_ssd", "1")
 
 
 async def test_swaps_rollbacks_loads_and_rejections_are_counted(

@@ -239,10 +239,9 @@ def test_a_yolov5_repository_export_gets_its_names(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("task", "classes", "words"), [
-    ("pose", 52, "a pose (keypoint) model (task 'pose' in its metadata); only detection models"),
+    ("pose", 52, "a pose (keypoint) model (task 'pose' in its metadata); only detection and classification models"),
     ("segment", 35, "an instance segmentation model (task 'segment'"),
     ("obb", 16, "an oriented-box (OBB) model (task 'obb'"),
-    ("classify", 3, "an image classifier (task 'classify' in its metadata): classification models are not served"),
 ])
 def test_a_task_other_than_detect_is_refused_naming_it(
     tmp_path: Path, task: str, classes: int, words: str
@@ -261,6 +260,22 @@ def test_a_task_other_than_detect_is_refused_naming_it(
     with pytest.raises(ModelInvalid) as invalid:
         load_and_warm(folder, 0.5)
     assert f"task '{task}'" in str(invalid.value) and len(str(invalid.value)) <= 200
+
+
+def test_an_ultralytics_classification_export_is_served_with_its_own_names(tmp_path: Path) -> None:
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    path = modelgen.classifier_onnx(folder / "model.onnx", num_classes=3, size=224, softmax=True)
+    model = onnx.load(str(path))
+    for key, value in ultralytics_metadata(("cat", "dog", "bird"), imgsz=(224, 224), task="classify").items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    loaded = load_and_warm(folder, 0.5)
+    try:
+        assert loaded.handler.name == "classifier" and loaded.info.task == "classify"
+        assert loaded.info.labels == ("cat", "dog", "bird") and loaded.info.labels_source == "model"
+    finally:
+        loaded.runtime.close()
 
 
 # -- where labels come from -------------------------------------------------------------------------

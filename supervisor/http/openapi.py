@@ -24,7 +24,8 @@ def _errors(*codes: int) -> dict[str, Any]:
         401: "Missing or wrong API token (only when the service has one)",
         404: "Not found",
         408: "The request body did not arrive in time",
-        409: "Conflict",
+        409: "Conflict: nothing older to roll back to, or the active model does another task "
+             "(/detect on an image classifier, /classify on a detector)",
         413: "Body over the size limit, image dimensions over the pixel limit, or a decode over the memory budget",
         415: "Unsupported Content-Type or image format",
         500: "The model failed",
@@ -71,10 +72,27 @@ _SCHEMAS: dict[str, Any] = {
             "detections": {"type": "array", "items": {"type": "object", "properties": {
                 "label": {"type": "string"}, "class_id": {"type": "integer"}, "score": {"type": "number"},
                 "box": {**_BOX, "description": "pixels of the original image"},
-                "box_normalized": {**_BOX, "description": "0..1 of the image size"}}}},
+                "box_normalized": {**_BOX, "description": "0..1 of the image size"},
+                "keypoints": {"type": "array", "description": "models with keypoints only (MediaPipe face, palm, "
+                              "pose): pixels of the original image, not clipped, in the model's order",
+                              "items": {"type": "object", "properties": {"x": {"type": "number"},
+                                                                         "y": {"type": "number"}}}}}}},
             "timing_ms": {"type": "object", "additionalProperties": {"type": "number"}},
         },
         "required": ["model", "image", "detections"],
+    },
+    "ClassifyResponse": {
+        "type": "object",
+        "properties": {
+            "model": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
+            "image": {"type": "object", "properties": {"width": {"type": "integer"}, "height": {"type": "integer"}}},
+            "classes": {"type": "array", "description": "the k likeliest classes, best first", "items": {
+                "type": "object", "properties": {
+                    "label": {"type": "string"}, "class_id": {"type": "integer"},
+                    "score": {"type": "number", "minimum": 0, "maximum": 1, "description": "a probability"}}}},
+            "timing_ms": {"type": "object", "additionalProperties": {"type": "number"}},
+        },
+        "required": ["model", "image", "classes"],
     },
     "ScoreResponse": {
         "type": "object",
@@ -124,22 +142,30 @@ def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "edge-model-loader", "version": __version__,
-                 "description": "Object detection on the active model of an IoT Edge device."},
+                 "description": "Object detection (or image classification) on the active model of an IoT Edge "
+                                "device."},
         "paths": {
             "/detect": {"post": {
                 "summary": "Detect objects in an image", "parameters": _DETECT_PARAMS, "requestBody": _IMAGE_BODY,
                 "responses": {"200": _json({"$ref": "#/components/schemas/DetectResponse"}, "Detections"),
-                              **_errors(400, 408, 413, 415, 500, 503)}}},
+                              **_errors(400, 408, 409, 413, 415, 500, 503)}}},
+            "/classify": {"post": {
+                "summary": "Classify an image (the active model must be an image classifier)",
+                "parameters": [{"name": "k", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 5},
+                                "description": "How many classes to return, likeliest first"}],
+                "requestBody": _IMAGE_BODY,
+                "responses": {"200": _json({"$ref": "#/components/schemas/ClassifyResponse"}, "Classes"),
+                              **_errors(400, 408, 409, 413, 415, 500, 503)}}},
             "/score": {"post": {
                 "summary": "Detect, answering in the Azure video-analytics extension format",
                 "parameters": _DETECT_PARAMS, "requestBody": _IMAGE_BODY,
                 "responses": {"200": _json({"$ref": "#/components/schemas/ScoreResponse"}, "Inferences"),
-                              **_errors(400, 408, 413, 415, 500, 503)}}},
+                              **_errors(400, 408, 409, 413, 415, 500, 503)}}},
             "/healthz": _get("Liveness", "Alive"),
             "/readyz": _get("Readiness: a model is loaded", "Ready", 503),
             "/v2/health/live": _get("Open Inference Protocol liveness", "Alive"),
             "/v2/health/ready": _get("Open Inference Protocol readiness", "Ready", 503),
-            "/v2/models/{name}": {"get": {**_get("Model metadata (inputs, outputs)", "Metadata", 404, 503)["get"],
+            "/v2/models/{name}": {"get": {**_get("Model metadata (inputs, outputs, task)", "Metadata", 404, 503)["get"],
                                           "parameters": [name]}},
             "/v2/models/{name}/ready": {"get": {**_get("Model readiness", "Ready", 404, 503)["get"],
                                                 "parameters": [name]}},

@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from handlers.base import lookup
 from handlers.imaging import ImageDecodeError, ImageTooLarge, UnsupportedImageType
 from supervisor.errors import (
     BadRequest,
@@ -97,6 +98,18 @@ async def _multipart_image(request: web.Request, max_parts: int) -> bytes:
     raise BadRequest("multipart body has no 'image' field")
 
 
+_IMAGE_ERRORS = (ImageDecodeError, UnsupportedImageType, ImageTooLarge)
+
+
+def _image_error(exc: Exception) -> Exception:
+    """What an image the engine could not take answers: 400, 415 or 413."""
+    if isinstance(exc, UnsupportedImageType):
+        return UnsupportedMediaType(str(exc))
+    if isinstance(exc, ImageTooLarge):
+        return PayloadTooLarge(str(exc))
+    return BadRequest(f"cannot decode the image: {exc}")
+
+
 async def _detect(request: web.Request) -> DetectResult:
     return (await detect_with_image(request))[0]
 
@@ -107,12 +120,8 @@ async def detect_with_image(request: web.Request) -> tuple[DetectResult, bytes]:
     data = await _read_image(request)
     try:
         result = await request.app[ENGINE].detect(data, threshold, maxn, labels)
-    except ImageDecodeError as exc:
-        raise BadRequest(f"cannot decode the image: {exc}") from exc
-    except UnsupportedImageType as exc:
-        raise UnsupportedMediaType(str(exc)) from exc
-    except ImageTooLarge as exc:
-        raise PayloadTooLarge(str(exc)) from exc
+    except _IMAGE_ERRORS as exc:
+        raise _image_error(exc) from exc
     structlog.contextvars.bind_contextvars(model=result.model.name, model_version=result.model.version)
     note_stage_timings(result.timing_ms)
     return result, data
@@ -145,6 +154,29 @@ async def score(request: web.Request) -> web.Response:
             },
         })
     return web.json_response({"inferences": inferences})
+
+
+@routes.post("/classify")
+async def classify(request: web.Request) -> web.Response:
+    """The top ``k`` classes of an image classifier (409 on a detector)."""
+    try:
+        k = int(request.query.get("k", "5"))
+        if k < 1:
+            raise ValueError
+    except ValueError:
+        raise BadRequest("'k' must be a whole number of at least 1") from None
+    data = await _read_image(request)
+    try:
+        result = await request.app[ENGINE].classify(data, k)
+    except _IMAGE_ERRORS as exc:
+        raise _image_error(exc) from exc
+    structlog.contextvars.bind_contextvars(model=result.model.name, model_version=result.model.version)
+    return web.json_response({
+        "model": {"name": result.model.name, "version": result.model.version},
+        "image": {"width": result.width, "height": result.height},
+        "classes": result.classes,
+        "timing_ms": result.timing_ms,
+    })
 
 
 # -- health and metadata ----------------------------------------------------------------------------
@@ -201,6 +233,8 @@ async def v2_model(request: web.Request) -> web.Response:
         "name": model.info.name,
         "versions": [model.info.version],
         "platform": f"{sig.format}",
+        "task": model.info.task,
+        "handler": model.info.handler,
         "inputs": tensors(sig.inputs),
         "outputs": tensors(sig.outputs),
     })
@@ -214,6 +248,13 @@ async def v2_model_ready(request: web.Request) -> web.Response:
 
 
 # -- the repository ---------------------------------------------------------------------------------
+
+
+def _task_of(handler: Any) -> str | None:
+    """What a stored version's handler answers ("detect" or "classify"), by the name it was installed with."""
+    family = lookup(handler) if isinstance(handler, str) else None
+    return family.task if family is not None else None
+
 
 
 @routes.get("/models")
@@ -247,7 +288,7 @@ async def models_document(request: web.Request) -> dict[str, Any]:
         r = v.record
         versions.append({
             "name": v.name, "version": v.version, "state": state,
-            "handler": r.get("handler"), "sha256": r.get("model_sha256"),
+            "handler": r.get("handler"), "task": _task_of(r.get("handler")), "sha256": r.get("model_sha256"),
             "package": r.get("package"), "package_sha256": r.get("package_sha256"),
             "source": r.get("source"), "installed_at": iso_utc(r.get("installed_at")),
             "last_problem": trouble.get(v.key),

@@ -119,10 +119,11 @@ def parse_manifest(raw: Any) -> ManifestFile:
 
 
 def _registry() -> Mapping[str, Any]:
+    """Every name model.json may give a family (its former names too) -> the family."""
     import handlers  # noqa: F401  (importing the package registers every family)
-    from handlers.base import REGISTRY
+    from handlers.base import ALIASES, REGISTRY
 
-    return REGISTRY
+    return {**REGISTRY, **ALIASES}
 
 
 def check_handler_options(handler: str, options: Mapping[str, Any]) -> HandlerOptions:
@@ -155,7 +156,7 @@ def manifest_schema(ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
     defs: dict[str, Any] = schema.pop("$defs", {})
     families = sorted(_registry().items())
     option_models: dict[str, type[HandlerOptions]] = {}
-    for _name, family in families:
+    for _, family in families:
         option_models[family.options_model.__name__] = family.options_model
     for model_name, model in option_models.items():
         defs[model_name] = model.model_json_schema(ref_template=ref_template)

@@ -21,16 +21,17 @@ from typing import Any, TypeVar
 import numpy as np
 import structlog
 
-from handlers.base import Detection
+from handlers.base import Detection, Prepared
+from handlers.classifier import ImageClassifier
 from handlers.decodecost import decode_cost
 from handlers.imaging import ImageTooLarge, decode_image, sniff_format
-from supervisor.errors import Busy, ModelInvalid, NoModelLoaded
+from supervisor.errors import Busy, Conflict, ModelInvalid, NoModelLoaded
 from supervisor.package.reader import Manifest
 from supervisor.package.reasons import user_reason
 from supervisor.serving.loader import LoadedModel, ModelInfo, describe_error, load_and_warm
 from supervisor.serving.membudget import BudgetExceeded, BudgetTimeout, MemoryBudget
 
-__all__ = ["DetectResult", "Engine"]
+__all__ = ["ClassifyResult", "DetectResult", "Engine"]
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -45,8 +46,35 @@ class DetectResult:
     timing_ms: dict[str, float]
 
 
+@dataclass
+class ClassifyResult:
+    model: ModelInfo
+    width: int
+    height: int
+    classes: list[dict[str, Any]]  # best first: label, class_id, score (a probability)
+    timing_ms: dict[str, float]
+
+
+_R = TypeVar("_R")
+
+
 def _box_dict(box: Sequence[float]) -> dict[str, float]:
     return {"xmin": box[0], "ymin": box[1], "xmax": box[2], "ymax": box[3]}
+
+
+def _ms(seconds: Mapping[str, float]) -> dict[str, float]:
+    return {k: round(v * 1000.0, 3) for k, v in seconds.items()}
+
+
+def _model_failed(model: LoadedModel, exc: BaseException) -> ModelInvalid:
+    return ModelInvalid(user_reason(f"inference failed: {describe_error(exc)}", None, model.info.path))
+
+
+def _wrong_task(model: LoadedModel, task: str) -> str:
+    name = f"model {model.info.name!r} (version {model.info.version!r}, handler {model.info.handler})"
+    if task == "detect":
+        return f"{name} is an image classifier: it makes no detections; send the image to POST /classify"
+    return f"{name} is an object detector: it does not classify whole images; send the image to POST /detect"
 
 
 def _lower_priority() -> None:
@@ -156,9 +184,26 @@ class Engine:
         max_results: int | None = None,
         labels: frozenset[str] | None = None,
     ) -> DetectResult:
+        def work(model: LoadedModel) -> DetectResult:
+            return self._detect_sync(model, data, threshold, max_results, labels)
+
+        return await self._serve(data, "detect", work)
+
+    async def classify(self, data: bytes, top_k: int = 5) -> ClassifyResult:
+        """The ``top_k`` likeliest classes of the image (an image classifier's task)."""
+
+        def work(model: LoadedModel) -> ClassifyResult:
+            return self._classify_sync(model, data, top_k)
+
+        return await self._serve(data, "classify", work)
+
+    async def _serve(self, data: bytes, task: str, work: Callable[[LoadedModel], _R]) -> _R:
+        """Run ``work`` on the active model in a worker, within the decode memory budget."""
         model = self._active
         if model is None:
             raise NoModelLoaded("no model is loaded yet")
+        if model.handler.task != task:
+            raise Conflict(_wrong_task(model, task))
         # Counted in flight from the moment it is taken (before any await): a swap meanwhile must not
         # close the model this request will run on.
         with model.lock:
@@ -169,9 +214,7 @@ class Engine:
             fmt = sniff_format(data)
             cost = decode_cost(data, fmt, model.handler.input_size)
             async with self.decode_budget.reserve(cost):
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self._detect_sync, model, data, threshold, max_results, labels
-                )
+                result = await asyncio.get_running_loop().run_in_executor(self.executor, work, model)
         except BudgetExceeded as exc:
             raise ImageTooLarge(f"this {fmt} image {exc} for decoding; send a JPEG or a smaller image") from None
         except BudgetTimeout as exc:
@@ -203,14 +246,9 @@ class Engine:
         if self.on_failure_streak is not None:
             self.on_failure_streak(model, self._streak)
 
-    def _detect_sync(
-        self,
-        model: LoadedModel,
-        data: bytes,
-        threshold: float | None,
-        max_results: int | None,
-        labels: frozenset[str] | None,
-    ) -> DetectResult:
+    def _run_sync(self, model: LoadedModel, data: bytes) -> tuple[Prepared, Mapping[str, np.ndarray], int, int,
+                                                                   dict[str, float]]:
+        """Decode, preprocess, infer: (prepared, outputs, original width, height, timings so far)."""
         t0 = time.perf_counter()
         image, (width, height) = decode_image(data, model.handler.input_size, self.max_image_pixels)
         t1 = time.perf_counter()
@@ -219,21 +257,47 @@ class Engine:
             t2 = time.perf_counter()
             # Decided now, not at arrival: a request that came while this one decoded shares the cores.
             outputs = model.runtime.run(prepared.feeds, alone=self._requests <= 1)
-            t3 = time.perf_counter()
-            found = model.handler.postprocess(outputs, prepared)
         except Exception as exc:
             # The image decoded fine, so this is the model's fault, not the client's.
-            raise ModelInvalid(user_reason(f"inference failed: {describe_error(exc)}", None, model.info.path)) from exc
-        t4 = time.perf_counter()
+            raise _model_failed(model, exc) from exc
+        t3 = time.perf_counter()
+        timing = {"decode": t1 - t0, "preprocess": t2 - t1, "inference": t3 - t2}
+        return prepared, outputs, width, height, timing
+
+    def _detect_sync(
+        self,
+        model: LoadedModel,
+        data: bytes,
+        threshold: float | None,
+        max_results: int | None,
+        labels: frozenset[str] | None,
+    ) -> DetectResult:
+        prepared, outputs, width, height, timing = self._run_sync(model, data)
+        t3 = time.perf_counter()
+        try:
+            found = model.handler.postprocess(outputs, prepared)
+        except Exception as exc:
+            raise _model_failed(model, exc) from exc
+        timing["postprocess"] = time.perf_counter() - t3
         detections = self._format(model, found, width, height, threshold, max_results, labels)
-        ms = 1000.0
-        timing = {
-            "decode": round((t1 - t0) * ms, 3),
-            "preprocess": round((t2 - t1) * ms, 3),
-            "inference": round((t3 - t2) * ms, 3),
-            "postprocess": round((t4 - t3) * ms, 3),
-        }
-        return DetectResult(model.info, width, height, detections, timing)
+        return DetectResult(model.info, width, height, detections, _ms(timing))
+
+    def _classify_sync(self, model: LoadedModel, data: bytes, top_k: int) -> ClassifyResult:
+        prepared, outputs, width, height, timing = self._run_sync(model, data)
+        t3 = time.perf_counter()
+        classifier = model.handler
+        assert isinstance(classifier, ImageClassifier)  # _serve checked the task
+        try:
+            probabilities = classifier.classify(outputs, prepared)
+        except Exception as exc:
+            raise _model_failed(model, exc) from exc
+        k = min(top_k, len(probabilities))
+        top = np.argpartition(-probabilities, k - 1)[:k]
+        top = top[np.argsort(-probabilities[top], kind="stable")]
+        classes = [{"label": model.label(int(i)), "class_id": int(i), "score": round(float(probabilities[i]), 5)}
+                   for i in top]
+        timing["postprocess"] = time.perf_counter() - t3
+        return ClassifyResult(model.info, width, height, classes, _ms(timing))
 
     def _format(
         self,
@@ -247,22 +311,28 @@ class Engine:
     ) -> list[dict[str, Any]]:
         cut = model.info.score_threshold if threshold is None else threshold
         out: list[dict[str, Any]] = []
-        scale = np.array([width, height, width, height], dtype=np.float64)
+        scale = (width, height, width, height)
         for det in found:
             if det.score < cut:
                 continue
             label = model.label(det.class_id)
             if labels is not None and label not in labels:
                 continue
-            norm = np.clip(np.asarray(det.box, dtype=np.float64), 0.0, 1.0)
-            pixels = norm * scale
-            out.append({
+            # Four floats: plain Python beats numpy's per-call overhead (the same float64 results).
+            norm = [min(max(float(v), 0.0), 1.0) for v in det.box]
+            pixels = [v * s for v, s in zip(norm, scale, strict=True)]
+            found_one: dict[str, Any] = {
                 "label": label,
                 "class_id": int(det.class_id),
                 "score": round(float(det.score), 4),
-                "box": _box_dict([round(float(v), 1) for v in pixels]),
-                "box_normalized": _box_dict([round(float(v), 5) for v in norm]),
-            })
+                "box": _box_dict([round(v, 1) for v in pixels]),
+                "box_normalized": _box_dict([round(v, 5) for v in norm]),
+            }
+            if det.keypoints:
+                # Pixels of the original image, not clipped: a keypoint may lie outside it.
+                found_one["keypoints"] = [{"x": round(x * width, 1), "y": round(y * height, 1)}
+                                          for x, y in det.keypoints]
+            out.append(found_one)
             if max_results is not None and len(out) >= max_results:
                 break
         return out

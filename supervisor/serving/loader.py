@@ -18,6 +18,7 @@ import structlog
 from PIL import Image
 
 from handlers.base import Handler, HandlerMismatch, OptionsRejected, choose_handler
+from handlers.classifier import ImageClassifier
 from handlers.onnx_external import ModelFormatError, external_data_locations
 from handlers.runtimes import ModelLoadError, Runtime, Spawn, open_runtime
 from supervisor.errors import ModelInvalid
@@ -45,12 +46,14 @@ class ModelInfo:
     # Where the class names come from: "file" (the package's labels file), "model" (the model file's
     # metadata: TFLite packed labels, Ultralytics names) or "none" (class_<id>).
     labels_source: str = "file"
+    task: str = "detect"  # what the model answers: "detect" (POST /detect) or "classify" (POST /classify)
 
     def public(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": self.version,
             "handler": self.handler,
+            "task": self.task,
             "model_file": self.model_file,
             "sha256": self.model_sha256,
             "score_threshold": self.score_threshold,
@@ -120,6 +123,12 @@ def load_model(
         raise ModelInvalid(user_reason(str(exc), None, folder)) from exc
     for problem in handler.metadata.problems:
         log.warning("model_metadata_unreadable", model=manifest.name, version=manifest.version, problem=problem)
+    if labels:
+        try:
+            labels = handler.fit_labels(labels)
+        except ValueError as exc:
+            runtime.close()
+            raise ModelInvalid(str(exc)) from exc
     expected = handler.num_classes
     source = "file" if manifest.labels_file else "model"
     if labels and expected is not None and len(labels) < expected:
@@ -146,6 +155,7 @@ def load_model(
         score_threshold=manifest.score_threshold if manifest.score_threshold is not None else default_threshold,
         labels=tuple(labels),
         labels_source=source,
+        task=handler.task,
     )
     return LoadedModel(info=info, runtime=runtime, handler=handler)
 
@@ -195,10 +205,13 @@ def load_and_warm(
         w, h = model.handler.input_size
         blank = Image.new("RGB", (max(w, 1), max(h, 1)), (114, 114, 114))
         prepared = model.handler.preprocess(blank)
-        outputs = model.runtime.run(prepared.feeds)
-        model.handler.postprocess(outputs, prepared)
-        # The wide lane (a lone request's) must run too: its first call pays the runtime's set-up.
-        model.handler.postprocess(model.runtime.run(prepared.feeds, alone=True), prepared)
+        # Both lanes run: the wide one (a lone request's) pays its runtime's first-call set-up here too.
+        for alone in (False, True):
+            outputs = model.runtime.run(prepared.feeds, alone=alone)
+            if isinstance(model.handler, ImageClassifier):
+                model.handler.classify(outputs, prepared)
+            else:
+                model.handler.postprocess(outputs, prepared)
     except Exception as exc:  # any failure here means the model is unusable
         model.runtime.close()
         raise ModelInvalid(user_reason(f"warm-up inference failed: {describe_error(exc)}", None, folder)) from exc
