@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from handlers.runtimes import RuntimeMissing
 from supervisor.errors import ModelInvalid
+from supervisor.package.indexed import write_package
 from supervisor.package.manifest import parse_manifest
 from supervisor.package.reader import MANIFEST_NAME, PackageError, file_sha256, read_manifest
 
@@ -110,16 +111,23 @@ def _folder_manifest_has_version(folder: Path) -> bool:
     return isinstance(raw, dict) and bool(raw.get("version"))
 
 
-def write_zip(folder: Path, manifest: dict[str, Any], out: Path) -> None:
-    """The package: model.json first, then the files, deterministic, deflated."""
-    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        entries = [(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())]
-        entries += [(rel, (folder / rel).read_bytes()) for rel in manifest["files"]]
-        for name, data in entries:
-            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o100644 << 16
-            zf.writestr(info, data)
+def write_zip(folder: Path, manifest: dict[str, Any], out: Path, *, index: bool = True) -> None:
+    """The package: model.json first, then the files, deterministic, deflated. With ``index`` (the
+    default) big files are deflated chunk by chunk and listed in a last member, so that a device
+    holding an earlier version fetches only the chunks it lacks (package/indexed.py); it is a plain
+    zip all the same, which any release of the module installs."""
+    entries: list[tuple[str, bytes | Path]] = [(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())]
+    entries += [(rel, folder / rel) for rel in manifest["files"]]
+    if not index:
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, source in entries:
+                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o100644 << 16
+                zf.writestr(info, source.read_bytes() if isinstance(source, Path) else source)
+        return
+    with out.open("wb") as f:
+        write_package(f, entries)
 
 
 def pack_main(argv: list[str]) -> int:
@@ -137,6 +145,8 @@ def pack_main(argv: list[str]) -> int:
     parser.add_argument("--score-threshold", type=float, help="default score threshold of the model")
     parser.add_argument("--no-activate", action="store_true", help="install without activating it")
     parser.add_argument("--sha256", action="store_true", help="also write OUTPUT.sha256 beside the zip")
+    parser.add_argument("--no-index", action="store_true", help="a zip without the chunk index (devices then "
+                        "always download it whole)")
     parser.add_argument("--no-verify", action="store_true", help="skip loading and warming up the model")
     parser.add_argument("--config", type=Path, help="settings file with the package limits")
     args = parser.parse_args(argv)
@@ -156,7 +166,7 @@ def pack_main(argv: list[str]) -> int:
     # ".part" until complete and verified: a drop folder's watcher ignores it meanwhile.
     part = out.with_name(out.name + ".part")
     try:
-        write_zip(folder, manifest, part)
+        write_zip(folder, manifest, part, index=not args.no_index)
         if not args.no_verify:
             code = _verify(part, args.config, as_json=False, label=str(out), runtime_optional=True)
             if code != 0:
