@@ -60,7 +60,8 @@ MAX_CHUNKS = 200_000
 # Measured on float32/float16 weights (docs/twin.md): as small as level 6 with full matching
 # (0.927 vs 0.927 of the input on tiny-YOLOv3) and 3-4x faster, which the device pays again for
 # every chunk it reuses; RLE still squeezes runs of zeros (pruned or padded tensors).
-CODEC = {"method": "deflate", "level": 9, "mem_level": 9, "strategy": "rle"}
+CODEC: dict[str, object] = {"method": "deflate", "level": 9, "mem_level": 9, "strategy": "rle"}
+_LEVEL, _MEM_LEVEL = 9, 9
 _DEFLATE_END = b"\x03\x00"  # an empty final block with fixed codes: the end of the stream
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
@@ -75,7 +76,7 @@ _STORED, _DEFLATED = 0, 8
 
 def encode_chunk(raw: bytes | memoryview) -> bytes:
     """A chunk's bytes inside the zip member (see CODEC)."""
-    c = zlib.compressobj(CODEC["level"], zlib.DEFLATED, -15, CODEC["mem_level"], zlib.Z_RLE)
+    c = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15, _MEM_LEVEL, zlib.Z_RLE)
     return c.compress(raw) + c.flush(zlib.Z_SYNC_FLUSH)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,6 +20,8 @@ class TwinStatus:
     mode: str | None = None  # "edge", "connection-string" once known
     reason: str | None = None  # why it is off (a configuration error, EDGELOADER_TWIN=off)
     since: float = field(default_factory=time.time)
+    # The download policy and whether a download waits for its window (twin/gate.py), once known.
+    download: Callable[[], dict[str, Any]] | None = None
 
     def set(self, state: TwinState, *, mode: str | None = None, reason: str | None = None) -> None:
         self.state, self.reason, self.since = state, reason, time.time()
@@ -26,4 +29,7 @@ class TwinStatus:
             self.mode = mode
 
     def public(self) -> dict[str, Any]:
-        return {"state": self.state, "mode": self.mode, "reason": self.reason, "since": self.since}
+        out: dict[str, Any] = {"state": self.state, "mode": self.mode, "reason": self.reason, "since": self.since}
+        if self.download is not None:
+            out["download"] = self.download()
+        return out
