@@ -230,3 +230,42 @@ async def test_outside_the_window_a_download_waits_and_the_rate_is_limited(tmp_p
     elapsed = asyncio.get_running_loop().time() - started
     assert result.path.read_bytes() == data and pauses[-1] is None
     assert elapsed >= (len(data) - 200_000) / 200_000 * 0.8  # one second of burst, then 200 kB/s
+
+
+# ------------------------------------------------------------------- the twin, with the real pipeline
+async def test_a_twin_update_fetches_only_the_changed_part(iot_hub: Any, blob_store: Any, tmp_path: Path,
+                                                           settings: Any, pipeline: Any, start_watcher: Any,
+                                                           range_proxy: RangeProxy) -> None:
+    from supervisor.cli.twinpatch import desired_properties
+    from supervisor.twin.service import TwinService
+
+    await start_watcher(pipeline)
+    service = TwinService(
+        settings.replace(twin="auto", connection_string=iot_hub.connection_string), pipeline, env=iot_hub.env,
+        progress_interval=0.5, retry_interval=0.5, twin_timeout=5.0, pipeline_timeout=30.0, download_retries=3,
+        download_backoff=(0.1, 0.5), download_read_timeout=5.0, connection_retry_interval=1,
+    )
+    task = asyncio.create_task(service.run())
+    sim = iot_hub.sim
+    try:
+        await eventually(lambda: sim.twin_gets >= 2 or task.done(), 15, "the module to read its twin")
+        for seed in (1, 2):  # v1 arrives whole (nothing stored to reuse), v2 retrains the head
+            package = pack(tmp_path, "det", str(seed), detector(head_seed=seed))
+            blob_store.upload(package.name, package.read_bytes())
+            range_proxy.requests.clear()
+            version = sim.set_desired(desired_properties(package, range_proxy.url(blob_store.sas_url(package.name))))
+            status = await sim.wait_status("active", version, within=30)
+            assert status["ActiveModel"]["Version"] == str(seed)
+        size = package.stat().st_size
+        print(f"twin: v2 {size} B; reported {status}; {len(range_proxy.requests)} requests")
+        assert status["BytesReused"] > 0.8 * size and status["BytesFetched"] < 0.15 * size
+        assert status["BytesNeeded"] >= status["BytesFetched"] and "PausedUntil" not in status
+        assert range_proxy.requests and all(s.range for s in range_proxy.requests)
+        assert range_proxy.body_bytes == status["BytesFetched"]
+        assert sim.reported_copy()["DownloadPolicy"] == {"RateLimit": 0, "Windows": []}
+        downloaded = [e for e in pipeline.events.history if e.state == "downloaded"][-1]  # what /models lists
+        assert downloaded.bytes_reused == status["BytesReused"] and downloaded.bytes_fetched == status["BytesFetched"]
+        assert service.status.public()["download"] == {"rate_limit": 0, "windows": [], "paused_until": None}
+    finally:
+        task.cancel()
+        await asyncio.wait([task], timeout=15)
