@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import shutil
 import subprocess
 import zipfile
@@ -113,6 +114,29 @@ async def test_an_indexed_package_installs_through_the_drop_folder(tmp_path: Pat
     assert [p.name for p, _ in pipeline.stored_files()] == ["model.onnx"]
 
 
+def test_pack_auto_compression_picks_lzma_only_when_nothing_would_be_reused(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    v1 = pack(tmp_path, "det", "1", detector())
+    head = pack(tmp_path, "det", "2", detector(head_seed=2), SSD_LABELS, "--previous", str(v1))
+    full = pack(tmp_path, "det", "3", detector(backbone_seed=9, head_seed=9), SSD_LABELS, "--previous", str(v1))
+    printed = capsys.readouterr().out
+    assert re.search(r"\b9\d% of the model is in det-1.zip: chunked", printed)
+    assert "\n0% of the model is in det-1.zip: lzma" in printed
+    with zipfile.ZipFile(head) as zf:
+        assert zf.getinfo("model.onnx").compress_type == zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(full) as zf:  # zipfile, which every release unpacks with, reads method 14
+        assert zf.getinfo("model.onnx").compress_type == zipfile.ZIP_LZMA
+        assert zf.read("model.onnx") == detector(backbone_seed=9, head_seed=9)
+        assert ".edgeloader-chunks.json" not in zf.namelist()
+    assert full.stat().st_size < 0.93 * v1.stat().st_size  # ~0.85 of the model instead of ~0.93
+
+
+async def test_an_lzma_package_installs_through_the_drop_folder(tmp_path: Path, pipeline: Any) -> None:
+    package = pack(tmp_path, "det", "8", detector(), SSD_LABELS, "--compression", "lzma")
+    version = await pipeline.process(package, source="inbox")
+    assert version is not None and (version.path / "model.onnx").read_bytes() == detector()
+
+
 # ------------------------------------------------------------------------------ against real Azurite
 async def test_a_head_retrain_fetches_only_the_changed_chunks(tmp_path: Path, blob_store: Any,
                                                               range_proxy: RangeProxy) -> None:
@@ -166,6 +190,18 @@ async def test_nothing_reusable_falls_back_to_the_whole_download(tmp_path: Path,
     print(f"nothing reusable: fetched {download.bytes_fetched / len(data):.4f} of the package")
     assert len(data) <= download.bytes_fetched <= 1.05 * len(data)
     assert [bool(s.range) for s in range_proxy.requests] == [True, False]  # the tail, then the whole blob
+
+    # A package packed for a whole download (LZMA, no index): the tail says so, then the whole blob.
+    lzma_package = pack(tmp_path, "det", "3", detector(backbone_seed=1, head_seed=1), SSD_LABELS,
+                        "--compression", "lzma")
+    blob_store.upload("det-3.zip", lzma_package.read_bytes())
+    range_proxy.requests.clear()
+    whole = IncrementalDownload(range_proxy.url(blob_store.sas_url("det-3.zip")), tmp_path / "c.zip.part",
+                                seeds=lambda: install(pack(tmp_path, "det", "1", detector()), tmp_path / "v1"),
+                                expected_length=lzma_package.stat().st_size, sha256=file_sha256(lzma_package),
+                                **fast())
+    await whole.run()
+    assert whole.mode == "whole" and whole.bytes_fetched <= 1.02 * lzma_package.stat().st_size
 
     # No stored version at all: straight to the whole download, not even the tail.
     range_proxy.requests.clear()
