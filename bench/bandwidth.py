@@ -3,7 +3,7 @@ fraction of the new package, for the updates operators make (issue 14).
 
 Two detectors of realistic size with random float32 weights, built here in a second with numpy (no
 torch, no TensorFlow): a YOLO-style ONNX convolution stack (3.0 M parameters, 12 MB, ``onnx.helper``)
-and a MobileNetV1-SSD TFLite (4.3 M parameters, 17 MB, the flatbuffer writer of bench/models.py).
+and a MobileNetV1-SSD TFLite (3.4 M parameters, 13 MB, the flatbuffer writer of bench/models.py).
 Each is packed with ``edgeloader pack`` as version 1 and "installed" (unpacked as the pipeline does);
 each update is packed as version 2 and fetched by the device's ``IncrementalDownload`` from a local
 HTTP server with Range, ETag and If-Match (aiohttp's file response, in a subprocess, so its CPU is not
