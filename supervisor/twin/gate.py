@@ -74,8 +74,8 @@ class Gate:
     ) -> None:
         self.rate_limit = rate_limit
         self.windows = tuple(windows)
-        self._clock = clock
-        self._check_seconds = check_seconds
+        self.clock = clock
+        self.check_seconds = check_seconds
         self._tokens = float(rate_limit)
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
@@ -90,12 +90,12 @@ class Gate:
     def is_open(self) -> bool:
         if not self.windows:
             return True
-        minute = _minute_of_day(self._clock())
+        minute = _minute_of_day(self.clock())
         return any(w.contains(minute) for w in self.windows)
 
     def next_open(self) -> datetime:
         """When the next window starts (now when one is open)."""
-        now = self._clock()
+        now = self.clock()
         if self.is_open():
             return now
         minute = _minute_of_day(now)
@@ -114,8 +114,8 @@ class Gate:
                     self.paused_until = until
                     if self.on_pause is not None:
                         self.on_pause(until)
-                wait = (until - self._clock()).total_seconds()
-                await asyncio.sleep(min(max(wait, 0.05), self._check_seconds))
+                wait = (until - self.clock()).total_seconds()
+                await asyncio.sleep(min(max(wait, 0.05), self.check_seconds))
         finally:
             if self.paused_until is not None:
                 self.paused_until = None

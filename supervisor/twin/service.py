@@ -76,7 +76,7 @@ class TwinService:
         updates: Updates,
         *,
         env: Mapping[str, str] | None = None,
-        progress_interval: float = 5.0,
+        progress_interval: float = 30.0,
         retry_interval: float = 5.0,
         twin_timeout: float = 30.0,
         pipeline_timeout: float = 600.0,
