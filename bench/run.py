@@ -11,6 +11,9 @@ Sections (each measured side by side on this machine, interleaved, bounded in ti
 4. memory     steady RSS per model; peak RSS during a swap vs the new model's loaded size;
               RSS across 50 swaps (leaks over load/unload cycles).
 5. startup    process start to /readyz 200 with the bundled default model.
+6. bandwidth  bytes a device fetches for each kind of model update (bench/bandwidth.py): identical
+              re-pack, labels, threshold, head, half and full retrain, nothing reusable; ONNX and
+              TFLite; with the device's CPU time and peak memory for assembling the package.
 
 Prints tables and writes bench/results.json. Runs bench/setup.sh first when the models, wrk or
 torch are missing. ``--seconds`` sets the length of one measurement (default 4).
@@ -331,6 +334,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"1 client p50, service / hand-rolled Flask, {model}", sbs["service_vs_flask_p50"], 1.0, True)
         add(f"1 client p50, service / bare runtime on all cores, {model}", sbs["service_vs_bare_p50"], 1.25, True)
         add(f"4 clients req/s, service / hand-rolled Flask, {model}", sbs["service_vs_flask_rps4"], 1.1, False)
+    for kind, rows in results.get("bandwidth", {}).get("updates", {}).items():
+        for name, row in rows.items():
+            add(f"bytes fetched / today's package, {name}, {kind}", row["vs_today"], row["target"], True)
+            add(f"assembly peak memory, {name}, {kind}", row["peak_mib"], 64, True, "MiB")
     st = results.get("startup")
     if st:
         add("start to /readyz, fresh data dir (median)", st["fresh_median_s"], 2.0, True, "s")
@@ -340,6 +347,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_tables(results: dict[str, Any]) -> None:
     print()
+    if results.get("bandwidth"):
+        import bandwidth
+
+        bandwidth.print_tables(results["bandwidth"])
     if results.get("sidebyside"):
         import sidebyside
 
@@ -377,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
     parser.add_argument("--swaps", type=int, default=50, help="swaps in the memory test")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ",".join(MODELS))
-    parser.add_argument("--only", default="sidebyside,overhead,big,swap,memory,startup",
-                        help="sections: sidebyside,overhead,big,swap,memory,startup")
+    parser.add_argument("--only", default="sidebyside,overhead,big,swap,memory,startup,bandwidth",
+                        help="sections: sidebyside,overhead,big,swap,memory,startup,bandwidth")
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment for the service and the in-process side, e.g. EDGELOADER_WORKERS=3 "
                              "or MALLOC_ARENA_MAX=2 (repeatable)")
@@ -386,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.server_env = dict(kv.split("=", 1) for kv in args.server_env)
     args.only = set(args.only.split(","))
-    ensure_setup()
+    if args.only - {"bandwidth"}:  # the bandwidth section builds its own models in seconds
+        ensure_setup()
     t0 = time.perf_counter()
     import onnxruntime
     from ai_edge_litert import __version__ as litert_version
@@ -396,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
             "ai_edge_litert": litert_version, "seconds_per_measurement": args.seconds, "rounds": args.rounds,
-            "images": {"640x480": SMALL.stat().st_size, "12MP": LARGE.stat().st_size},
+            "images": {"640x480": SMALL.stat().st_size, "12MP": LARGE.stat().st_size} if SMALL.exists() else None,
             "server_env": args.server_env,
         },
         "models": {},
@@ -410,8 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         for model in [m for m in args.models.split(",") if m in sidebyside.MODELS]:
             log(f"== side by side, {model}: bare runtime, hand-rolled Flask app, the service")
             results["sidebyside"][model] = sidebyside.side_by_side(model, args.seconds, args.rounds)
-    for model in args.models.split(","):
-        bench_model(model, args, results)
+    if args.only & {"overhead", "big", "swap", "memory"}:
+        for model in args.models.split(","):
+            bench_model(model, args, results)
+    if "bandwidth" in args.only:
+        import bandwidth
+
+        log("== bandwidth: bytes fetched per kind of model update")
+        results["bandwidth"] = bandwidth.run()
     results["targets"] = targets(results)
     results["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

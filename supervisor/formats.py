@@ -15,6 +15,8 @@ __all__ = [
     "ACTIVATED_MARKER",
     "ACTIVATIONS_FILE",
     "CHECKSUM_SUFFIXES",
+    "CHUNK_CACHE_DIR",
+    "CHUNK_INDEX_MEMBER",
     "INSTALL_RECORD",
     "INTENT_SUFFIX",
     "LABEL_FILE_NAMES",
@@ -32,6 +34,9 @@ __all__ = [
 MANIFEST_NAME = "model.json"
 MODEL_SUFFIXES = (".onnx", ".tflite")
 LABEL_FILE_NAMES = ("labels.txt", "labelmap.txt", "coco_classes.txt")
+# The last member of a package written by `edgeloader pack`: where the chunks of its big files lie
+# (package/indexed.py). A dot-name: unpacked with the rest, but never taken for package content.
+CHUNK_INDEX_MEMBER = ".edgeloader-chunks.json"
 # The JSON Schema of model.json, published in the repository (docs/) for editors.
 SCHEMA_FILE = "model.schema.json"
 
@@ -50,6 +55,8 @@ ACTIVATED_MARKER = ".activated"
 TMP_PREFIX = ".tmp-"
 # Inside quarantine/<entry>/: why the package was refused.
 REASON_FILE = "reason.json"
+# In staging/: the chunk lists of stored files (by SHA-256), so that each is cut once (twin/seeds.py).
+CHUNK_CACHE_DIR = ".chunk-cache"
 # In the data dir: the versions activated, in order (what a rollback walks back through).
 ACTIVATIONS_FILE = "activations.json"
 

@@ -5,6 +5,7 @@ setting where the user set it (the flag, the variable, the file) and the form it
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -12,8 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from supervisor.twin.gate import parse_window
 from supervisor.typed_input import describe_errors, nearest
 
 __all__ = [
@@ -43,6 +45,16 @@ FLAGS = {"host": "--host", "port": "--port", "data_dir": "--data-dir", "twin": "
 
 def _lower(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
+
+
+def _windows(value: Any) -> Any:
+    """A list of "HH:MM-HH:MM"; from the environment also JSON (``["01:00-05:00"]``) or comma-separated."""
+    if isinstance(value, str):
+        text = value.strip()
+        value = json.loads(text) if text.startswith("[") else [p for p in text.split(",") if p.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(w, str) for w in value):
+        raise ValueError("must be a list of time windows like [\"01:00-05:00\"]")
+    return [str(parse_window(w)) for w in value]
 
 
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # 0 or less would make a loop spin
@@ -110,7 +122,7 @@ class Settings(BaseSettings):
     """Lowest level logged."""
     twin: Annotated[Literal["auto", "off"], BeforeValidator(_lower)] = "auto"
     """IoT Hub: "auto" connects when IoT Edge or a connection string says how, "off" never does."""
-    twin_progress_seconds: Seconds = 5.0
+    twin_progress_seconds: Seconds = 30.0
     """Seconds between twin progress reports while downloading (IoT Hub throttles chatty devices)."""
     twin_timeout_seconds: Seconds = 30.0
     """Seconds to wait for an IoT Hub answer before treating the link as down."""
@@ -118,6 +130,11 @@ class Settings(BaseSettings):
     """Attempts for one download before it is reported failed (each resumes where the last stopped)."""
     download_read_timeout_seconds: Seconds = 30.0
     """Seconds without a byte from the blob server before an attempt is cut and resumed."""
+    download_rate_limit: int = Field(0, ge=0)
+    """Bytes per second all model downloads together may use (0 = no limit): the link is shared."""
+    download_windows: Annotated[list[str], NoDecode, BeforeValidator(_windows)] = []
+    """Device-local times when downloads may run, e.g. ["01:00-05:00"] (an end before the start runs
+    past midnight); outside them a download pauses and resumes later. Empty: any time."""
     connection_string: str | None = Field(None, repr=False)
     """IoT Hub module connection string, for development against a hub without IoT Edge. A secret."""
     api_token: str | None = Field(None, repr=False)
@@ -179,6 +196,8 @@ _FORMS = {
     "port": "a port number from 0 to 65535",
     "log_level": f"one of {', '.join(LOG_LEVELS)}",
     "api_token_scope": f"one of {', '.join(API_TOKEN_SCOPES)}",
+    "download_windows": 'a list of time windows like ["01:00-05:00"]',
+    "download_rate_limit": "a whole number of bytes per second, 0 for no limit",
 }
 
 

@@ -65,6 +65,9 @@ class ScriptedPipeline:
     def find_package(self, sha256: str) -> tuple[str, str] | None:
         return self.installed.get(sha256)
 
+    def stored_files(self) -> list[tuple[Path, str]]:
+        return []  # packages here are bytes, not unpacked files: every download is whole
+
     def active(self) -> ModelEvent | None:
         return self._active
 

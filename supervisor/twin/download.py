@@ -32,6 +32,7 @@ import structlog
 
 from supervisor.formats import parse_md5, parse_sha256
 from supervisor.redact import redact, redact_url
+from supervisor.twin.gate import Gate, WindowClosed
 from supervisor.twin.partfile import PartFile, resume_note_path
 
 __all__ = [
@@ -103,6 +104,7 @@ class Download:
         read_timeout: float = 30.0,
         progress: Callable[[int, int | None], None] | None = None,
         counters: DownloadCounters | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.url = url
         self.part_path = part_path
@@ -119,12 +121,14 @@ class Download:
         )
         self._progress = progress
         self._counters = counters
+        self._gate = gate or Gate()
         self.bytes_fetched = 0
         self.bytes_done = 0
         self.total: int | None = expected_length
         self.attempts = 0
         self.etag: str | None = None
         self.resumed_bytes = 0  # bytes kept from an earlier, interrupted run
+        self.bytes_reused = 0  # a whole download reuses nothing of the stored versions
         self._sink = PartFile(part_path)
         self.resume_path = resume_note_path(part_path)
         # What identifies the blob across runs: the URL without its query (a new SAS for the same blob
@@ -178,6 +182,11 @@ class Download:
         )
         return result
 
+    @property
+    def bytes_needed(self) -> int | None:
+        """Bytes this download has to bring over the link (what an interrupted run kept is not)."""
+        return None if self.total is None else self.total - self.resumed_bytes
+
     def _discard(self) -> None:
         self._sink.discard()
         self.resume_path.unlink(missing_ok=True)
@@ -213,11 +222,15 @@ class Download:
     async def _fetch(self, session: aiohttp.ClientSession) -> None:
         failures = 0  # consecutive attempts that brought no new byte
         while self.total is None or self.bytes_done < self.total:
+            await self._gate.wait_open()
             before = self.bytes_done
             try:
                 await self._attempt(session)
                 if self.total is not None and self.bytes_done < self.total:
                     raise DownloadError("connection closed before the end of the body", permanent=False)
+            except WindowClosed:
+                self._log.info("download_paused", done=self.bytes_done, total=self.total)
+                continue  # not a failure: wait for the next window, then resume
             except DownloadError as exc:
                 if exc.permanent:
                     raise
@@ -321,7 +334,7 @@ class Download:
 
         received = offset
         try:
-            async for chunk in body.iter_chunked(self.chunk_size):
+            async for chunk in body.iter_chunked(self._gate.read_size(self.chunk_size)):
                 self.bytes_fetched += len(chunk)
                 if self._counters is not None:
                     self._counters.fetched(len(chunk))
@@ -331,6 +344,7 @@ class Download:
                 if writer.done():
                     break
                 await queue.put(chunk)
+                await self._gate.take(len(chunk))
         except asyncio.CancelledError:
             writer.cancel()
             await asyncio.wait([writer])

@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +28,9 @@ import structlog
 
 from supervisor.redact import redact
 from supervisor.twin.desired import DesiredModel
-from supervisor.twin.download import Download, DownloadError, DownloadResult
+from supervisor.twin.download import DownloadError, DownloadResult
+from supervisor.twin.gate import Gate
+from supervisor.twin.incremental import IncrementalDownload
 from supervisor.twin.partfile import commit, resume_note_path
 from supervisor.updates.events import TWIN_STATES, EventBus, ModelEvent, State
 
@@ -59,6 +62,10 @@ class Updates(Protocol):
 
     async def activate(self, name: str, version: str, source: str) -> object:
         """Make an installed model active; raises on failure; publishes events."""
+
+    def stored_files(self) -> list[tuple[Path, str]]:
+        """(path, SHA-256) of the big files of every stored version: where a download may find
+        chunks of a new package (twin/incremental.py). Blocking."""
 
 
 @dataclass(eq=False)
@@ -113,12 +120,14 @@ class Reconciler:
         progress_interval: float,
         pipeline_timeout: float,
         download_options: Mapping[str, Any],
+        gate: Gate | None = None,
     ) -> None:
         self.updates = updates
+        self.gate = gate or Gate()
         self.progress_interval = progress_interval
         self.pipeline_timeout = pipeline_timeout
         self._download_options = dict(download_options)
-        self.last_download: Download | None = None  # for tests and diagnostics
+        self.last_download: IncrementalDownload | None = None  # for tests and diagnostics
         self.request: DesiredModel | None = None  # what the running (or last) job answers
         self._wanted: DesiredModel | None = None
         self._wanted_changed = asyncio.Event()
@@ -272,28 +281,41 @@ class Reconciler:
         await asyncio.to_thread(clean_staging, staging, {part.name, resume_note_path(part).name})
         last = 0.0
 
+        def figures(**extra: Any) -> dict[str, Any]:
+            return {"bytes_done": download.bytes_done, "bytes_total": download.total,
+                    "bytes_needed": download.bytes_needed, "bytes_fetched": download.bytes_fetched,
+                    "bytes_reused": download.bytes_reused, **extra}
+
         def progress(done: int, total: int | None) -> None:
+            # At most one report per progress_interval: the twin has update quotas.
             nonlocal last
             now = time.monotonic()
             if now - last >= self.progress_interval:
                 last = now
-                self._publish("downloading", request, bytes_done=done, bytes_total=total)
+                self._publish("downloading", request, **figures())
 
+        def paused(until: datetime | None) -> None:
+            self._publish("downloading", request,
+                          **figures(paused_until=until.isoformat(timespec="seconds") if until else None))
+
+        download = IncrementalDownload(
+            request.url, part, seeds=self.updates.stored_files, expected_length=request.length,
+            sha256=request.sha256, md5=request.md5, gate=self.gate, progress=progress, **self._download_options,
+        )
         self._publish("downloading", request, bytes_done=0, bytes_total=request.length)
         last = time.monotonic()
-        download = Download(
-            request.url, part, expected_length=request.length,
-            sha256=request.sha256, md5=request.md5, progress=progress, **self._download_options,
-        )
         self.last_download = download
         self._downloading = True
         self._refresh_settled()
+        self.gate.on_pause = paused
         try:
             result = await download.run()
         finally:
+            self.gate.on_pause = None
             self._downloading = False
             self._refresh_settled()
-        self._publish("downloaded", request, sha256=result.sha256, bytes_done=result.size, bytes_total=result.size)
+        self._publish("downloaded", request, sha256=result.sha256, **figures(bytes_done=result.size,
+                                                                              bytes_total=result.size))
         return result
 
     async def _hand_over(self, request: DesiredModel, sha256: str, size: int) -> None:

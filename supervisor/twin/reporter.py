@@ -20,7 +20,7 @@ from azure.iot.device import exceptions as iot_errors
 from supervisor.redact import redact
 from supervisor.updates.events import ModelEvent
 
-__all__ = ["OUTPUT_NAME", "Reporter", "active_patch", "merge_patch", "model_output", "status_patch"]
+__all__ = ["OUTPUT_NAME", "Reporter", "active_patch", "merge_patch", "model_output", "policy_patch", "status_patch"]
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +36,10 @@ def status_patch(
     reason: str | None = None,
     bytes_done: int | None = None,
     bytes_total: int | None = None,
+    bytes_needed: int | None = None,
+    bytes_fetched: int | None = None,
+    bytes_reused: int | None = None,
+    paused_until: str | None = None,
 ) -> dict[str, Any]:
     """The ``ModelUpdate`` status of one desired request, as a reported-properties patch."""
     status: dict[str, Any] = {
@@ -48,7 +52,17 @@ def status_patch(
     if bytes_done is not None:
         status["BytesDone"] = bytes_done
         status["BytesTotal"] = bytes_total
+    if bytes_needed is not None:
+        status["BytesNeeded"] = bytes_needed
+        status["BytesFetched"] = bytes_fetched
+        status["BytesReused"] = bytes_reused
+    status["PausedUntil"] = paused_until  # None deletes an earlier pause
     return {"ModelUpdate": status}
+
+
+def policy_patch(policy: dict[str, Any]) -> dict[str, Any]:
+    """The download policy (rate limit, windows) as a reported-properties patch."""
+    return {"DownloadPolicy": {"RateLimit": policy["rate_limit"], "Windows": policy["windows"]}}
 
 
 def active_patch(event: ModelEvent) -> dict[str, Any]:

@@ -23,9 +23,19 @@ from supervisor.redact import redact, redact_url
 from supervisor.twin.client import RETRYABLE, HubClient, describe_mode
 from supervisor.twin.connection_string import check_module_connection_string
 from supervisor.twin.desired import DesiredModel
-from supervisor.twin.download import Download, DownloadCounters
+from supervisor.twin.download import DownloadCounters
+from supervisor.twin.gate import Gate, parse_window
+from supervisor.twin.incremental import IncrementalDownload
 from supervisor.twin.reconcile import Reconciler, Updates, Watch
-from supervisor.twin.reporter import OUTPUT_NAME, Reporter, active_patch, merge_patch, model_output, status_patch
+from supervisor.twin.reporter import (
+    OUTPUT_NAME,
+    Reporter,
+    active_patch,
+    merge_patch,
+    model_output,
+    policy_patch,
+    status_patch,
+)
 from supervisor.twin.status import TwinStatus
 from supervisor.updates.events import TWIN_STATES, ModelEvent
 
@@ -67,7 +77,7 @@ class TwinService:
         updates: Updates,
         *,
         env: Mapping[str, str] | None = None,
-        progress_interval: float = 5.0,
+        progress_interval: float = 30.0,
         retry_interval: float = 5.0,
         twin_timeout: float = 30.0,
         pipeline_timeout: float = 600.0,
@@ -84,6 +94,11 @@ class TwinService:
         self._env = os.environ if env is None else env
         self.twin_timeout = twin_timeout
         self.pipeline_timeout = pipeline_timeout
+        self.gate = Gate(
+            int(getattr(settings, "download_rate_limit", 0) or 0),
+            [parse_window(w) for w in getattr(settings, "download_windows", None) or ()],
+        )
+        self.status.download = self.gate.describe
         self._reconciler = Reconciler(
             updates, progress_interval=progress_interval, pipeline_timeout=pipeline_timeout,
             download_options={
@@ -93,6 +108,7 @@ class TwinService:
                 "read_timeout": download_read_timeout,
                 "counters": download_counters,
             },
+            gate=self.gate,
         )
         self._retry_interval = retry_interval
         self._connection_retry_interval = connection_retry_interval
@@ -107,7 +123,7 @@ class TwinService:
         self._last_output: tuple[str | None, str | None, str | None] | None = None
 
     @property
-    def last_download(self) -> Download | None:
+    def last_download(self) -> IncrementalDownload | None:
         """The latest download started (for tests and diagnostics)."""
         return self._reconciler.last_download
 
@@ -193,6 +209,8 @@ class TwinService:
         self.status.set("connected")
         self._apply_twin(twin, startup=True)
         await hub.on_desired_patch(self._on_desired_patch)
+        assert self.reporter is not None
+        self.reporter.report(policy_patch(self.gate.describe()))
         active = self.updates.active()
         if active is not None:
             self._report_active(active)
@@ -284,6 +302,7 @@ class TwinService:
         bytes_total: int | None = None,
         file_name: str | None = None,
         desired_version: int | None = None,
+        **figures: Any,
     ) -> None:
         request = self._reconciler.request
         status = status_patch(
@@ -295,6 +314,7 @@ class TwinService:
             reason=clip(redact(reason)) if reason else None,  # the full text is in the log
             bytes_done=bytes_done,
             bytes_total=bytes_total,
+            **figures,
         )
         self._last_state = state
         self.status.reported(status["ModelUpdate"])
@@ -380,4 +400,6 @@ class TwinService:
             log.debug("stale_twin_event_ignored", state=event.state, version=version, answered=self._answered)
             return
         self._report_status(state, reason=reason, bytes_done=event.bytes_done, bytes_total=event.bytes_total,
-                            file_name=event.package, desired_version=version)
+                            file_name=event.package, desired_version=version, bytes_needed=event.bytes_needed,
+                            bytes_fetched=event.bytes_fetched, bytes_reused=event.bytes_reused,
+                            paused_until=event.paused_until)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +23,8 @@ class TwinStatus:
     # The latest ``ModelUpdate`` status reported (or queued while offline), as sent: State, FileName,
     # DesiredVersion, Reason, Timestamp and, for a download, BytesDone and BytesTotal.
     last_report: dict[str, Any] | None = None
+    # The download policy and whether a download waits for its window (twin/gate.py), once known.
+    download: Callable[[], dict[str, Any]] | None = None
 
     def set(self, state: TwinState, *, mode: str | None = None, reason: str | None = None) -> None:
         self.state, self.reason, self.since = state, reason, time.time()
@@ -32,5 +35,8 @@ class TwinStatus:
         self.last_report = dict(status)
 
     def public(self) -> dict[str, Any]:
-        return {"state": self.state, "mode": self.mode, "reason": self.reason, "since": self.since,
-                "last_report": self.last_report}
+        out: dict[str, Any] = {"state": self.state, "mode": self.mode, "reason": self.reason, "since": self.since,
+                               "last_report": self.last_report}
+        if self.download is not None:
+            out["download"] = self.download()
+        return out

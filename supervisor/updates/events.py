@@ -63,6 +63,11 @@ class ModelEvent:
     desired_version: int | None = None
     bytes_done: int | None = None
     bytes_total: int | None = None
+    # What the download costs the link: bytes it must fetch, has fetched, took from stored versions.
+    bytes_needed: int | None = None
+    bytes_fetched: int | None = None
+    bytes_reused: int | None = None
+    paused_until: str | None = None  # outside the download windows: when it goes on (local, ISO 8601)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

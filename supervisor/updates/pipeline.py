@@ -30,6 +30,7 @@ from supervisor.package.checks import (
     sidecars,
     stage_package,
 )
+from supervisor.package.indexed import CHUNKED_MIN_BYTES
 from supervisor.package.paths import public_reason
 from supervisor.package.reader import PackageError, read_manifest
 from supervisor.package.reasons import user_reason
@@ -79,6 +80,26 @@ class Pipeline:
     def find_package(self, sha256: str) -> tuple[str, str] | None:
         version = self.repo.find_by_package_sha256(sha256)
         return version.key if version else None
+
+    def stored_files(self) -> list[tuple[Path, str]]:
+        """(path, SHA-256) of every stored version's files big enough to be chunked in a package (the
+        install record keeps their hashes): what a twin download may reuse. Blocking."""
+        found = []
+        for version in self.repo.versions():
+            hashes = version.record.get("file_sha256")
+            if not isinstance(hashes, dict):
+                continue
+            for rel, sha in sorted(hashes.items()):
+                if not (isinstance(rel, str) and isinstance(sha, str)) or any(
+                        p in ("", "..") or p.startswith(".") for p in rel.split("/")):
+                    continue
+                path = version.path / rel
+                try:
+                    if path.is_file() and not path.is_symlink() and path.stat().st_size >= CHUNKED_MIN_BYTES:
+                        found.append((path, sha))
+                except OSError:
+                    continue
+        return found
 
     def active(self) -> ModelEvent | None:
         model = self.engine.active
