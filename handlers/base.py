@@ -159,6 +159,13 @@ class Handler(ABC):
         raise NotImplementedError
 
     @property
+    def letterboxes(self) -> bool:
+        """True when the image is fitted into the input keeping its aspect ratio: then a JPEG only has
+        to be decoded down to the fitted size (416x312 of a 4:3 photo for 416x416), not to the whole
+        input. False (the safe answer) when it is stretched to the input."""
+        return False
+
+    @property
     def num_classes(self) -> int | None:
         """How many classes the outputs can name (to check the labels file); None if unknown."""
         return None

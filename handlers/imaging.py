@@ -106,13 +106,14 @@ def _orientation(img: Image.Image) -> int:
 
 
 def decode_image(
-    data: bytes, target_size: tuple[int, int] | None, max_pixels: int
+    data: bytes, target_size: tuple[int, int] | None, max_pixels: int, letterbox: bool = False
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode JPEG/PNG/BMP/WebP bytes to an RGB image.
 
     Returns ``(image, original_size)``: ``original_size`` is the full (width, height) of the
     picture after EXIF orientation; ``image`` may be smaller than that for JPEGs when
-    ``target_size`` is given (decoded at a reduced scale, never below ``target_size``).
+    ``target_size`` is given (decoded at a reduced scale, never below ``target_size``; with
+    ``letterbox``, never below the part of it the picture will fill, keeping its aspect ratio).
     """
     if not data:
         raise ImageDecodeError("empty image")
@@ -124,6 +125,8 @@ def decode_image(
             raise ImageTooLarge(f"image is {width}x{height}, more than {max_pixels} pixels")
         orientation = _orientation(img)
         rotated = orientation in _ROTATED
+        if target_size is not None and letterbox:
+            target_size = fit_size((height, width) if rotated else (width, height), target_size)
         fast = _decode_jpeg_fast(data, img.mode, target_size, rotated, orientation) if fmt == "JPEG" else None
         if fast is not None:
             return fast, ((height, width) if rotated else (width, height))

@@ -245,6 +245,10 @@ class MediapipeSsd(Handler):
         return self._size
 
     @property
+    def letterboxes(self) -> bool:
+        return True  # MediaPipe keep_aspect_ratio
+
+    @property
     def num_classes(self) -> int | None:
         return 1
 

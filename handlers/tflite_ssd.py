@@ -87,6 +87,10 @@ class PostProcessedSsd(Handler):
     def input_size(self) -> tuple[int, int]:
         return self._prep.size
 
+    @property
+    def letterboxes(self) -> bool:
+        return self._prep.keep_aspect
+
     def preprocess(self, image: Image.Image) -> Prepared:
         tensor, geo = self._prep(image)
         if self._int8:

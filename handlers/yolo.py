@@ -142,6 +142,10 @@ class Yolo(Handler):
         return self._prep.size
 
     @property
+    def letterboxes(self) -> bool:
+        return self._prep.keep_aspect
+
+    @property
     def num_classes(self) -> int | None:
         return self._classes
 

@@ -235,3 +235,19 @@ def test_cmyk_jpeg_still_decodes() -> None:
     data = encode(gradient(64, 48).convert("CMYK"), "JPEG", quality=95)
     image, original = decode_image(data, (32, 32), MAX)
     assert image.mode == "RGB" and original == (64, 48)
+
+
+def test_a_letterboxed_model_needs_only_the_fitted_size_decoded() -> None:
+    # A 4:3 photo fills 416x312 of a 416x416 letterboxed input: 6/8 scale (480x360) is enough; a stretched
+    # input needs all 416 rows too, so 7/8 (560x420).
+    data = encode(gradient(640, 480), "JPEG", quality=90)
+    fitted, original = decode_image(data, (416, 416), MAX, letterbox=True)
+    stretched, _ = decode_image(data, (416, 416), MAX)
+    assert original == (640, 480)
+    assert fitted.size == (480, 360) and stretched.size == (560, 420)
+    # Rotated by EXIF: the fit is taken on the picture as shown, the scale on the stored raster.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(gradient(640, 480), "JPEG", exif=exif.tobytes(), quality=90)
+    shown, original = decode_image(rotated, (416, 416), MAX, letterbox=True)
+    assert original == (480, 640) and shown.size == (360, 480)

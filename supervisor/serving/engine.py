@@ -250,7 +250,8 @@ class Engine:
                                                                    dict[str, float]]:
         """Decode, preprocess, infer: (prepared, outputs, original width, height, timings so far)."""
         t0 = time.perf_counter()
-        image, (width, height) = decode_image(data, model.handler.input_size, self.max_image_pixels)
+        image, (width, height) = decode_image(data, model.handler.input_size, self.max_image_pixels,
+                                              model.handler.letterboxes)
         t1 = time.perf_counter()
         try:
             prepared = model.handler.preprocess(image)
