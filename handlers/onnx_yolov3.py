@@ -24,7 +24,7 @@ from handlers.base import Detection, Handler, Prepared, Signature, TensorSpec, r
 from handlers.boxes import to_detections, yxyx_to_xyxy
 from handlers.imaging import PixelScale
 from handlers.options import HandlerOptions, PreprocessOptions
-from handlers.preprocess import input_layout, input_size, preprocess_plan
+from handlers.preprocess import PlannedInput, input_layout, input_size, preprocess_plan
 
 __all__ = ["OnnxYoloV3"]
 
@@ -54,7 +54,7 @@ def _roles(signature: Signature) -> tuple[TensorSpec, TensorSpec, TensorSpec, Te
 
 
 @register
-class OnnxYoloV3(Handler):
+class OnnxYoloV3(PlannedInput, Handler):
     name = "onnx_yolov3"
     description = "ONNX model zoo YOLOv3 / tiny-YOLOv3 (image + image_shape in, NMS indices out)"
     options_model = PreprocessOptions
@@ -76,14 +76,6 @@ class OnnxYoloV3(Handler):
     @classmethod
     def matches(cls, signature: Signature) -> bool:
         return _roles(signature) is not None
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self._prep.size
-
-    @property
-    def letterboxes(self) -> bool:
-        return self._prep.keep_aspect
 
     @property
     def num_classes(self) -> int | None:

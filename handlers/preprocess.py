@@ -20,7 +20,7 @@ from handlers.imaging import Letterbox, PadPosition, PixelScale, image_to_tensor
 from handlers.metadata import ModelMetadata
 from handlers.options import PreprocessOptions, ResizeOptions, SizedOptions
 
-__all__ = ["Layout", "Preprocess", "image_dims", "input_layout", "input_size", "preprocess_plan"]
+__all__ = ["Layout", "PlannedInput", "Preprocess", "image_dims", "input_layout", "input_size", "preprocess_plan"]
 
 Layout = Literal["NHWC", "NCHW"]
 
@@ -112,3 +112,18 @@ def preprocess_plan(
         fill=fill if options.pad_value is None else options.pad_value,
         pad_position=pad_position,
     )
+
+
+class PlannedInput:
+    """Mixin for a family whose input is made by one ``Preprocess`` plan (``self._prep``, set at load
+    time): the input size and the letterbox choice are the plan's."""
+
+    _prep: Preprocess
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._prep.size
+
+    @property
+    def letterboxes(self) -> bool:
+        return self._prep.keep_aspect

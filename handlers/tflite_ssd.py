@@ -20,7 +20,7 @@ from handlers.base import Detection, Handler, HandlerMismatch, Prepared, Signatu
 from handlers.boxes import to_detections, yxyx_to_xyxy
 from handlers.imaging import Letterbox, PixelScale
 from handlers.options import HandlerOptions, Number, ResizeOptions
-from handlers.preprocess import input_layout, input_size, preprocess_plan
+from handlers.preprocess import PlannedInput, input_layout, input_size, preprocess_plan
 
 __all__ = ["PostProcessedSsd", "TfliteSsd", "TfliteSsdOptions"]
 
@@ -46,7 +46,7 @@ def image_input(signature: Signature, dtypes: tuple[str, ...]) -> TensorSpec | N
     return spec if spec.dtype in dtypes else None
 
 
-class PostProcessedSsd(Handler):
+class PostProcessedSsd(PlannedInput, Handler):
     """Shared part of the SSD families (not registered itself)."""
 
     input_dtypes: ClassVar[tuple[str, ...]] = ("uint8",)
@@ -82,14 +82,6 @@ class PostProcessedSsd(Handler):
 
     def _input_scale(self, spec: TensorSpec) -> PixelScale | None:
         return None  # raw uint8 pixels
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self._prep.size
-
-    @property
-    def letterboxes(self) -> bool:
-        return self._prep.keep_aspect
 
     def preprocess(self, image: Image.Image) -> Prepared:
         tensor, geo = self._prep(image)

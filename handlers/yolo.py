@@ -37,7 +37,7 @@ from handlers.boxes import cxcywh_to_xyxy, nms, nms_per_class, to_detections
 from handlers.imaging import Letterbox, PixelScale
 from handlers.metadata import ModelMetadata
 from handlers.options import HandlerOptions, ResizeOptions
-from handlers.preprocess import input_layout, input_size, preprocess_plan
+from handlers.preprocess import PlannedInput, input_layout, input_size, preprocess_plan
 
 __all__ = ["Head", "Yolo", "YoloOptions", "head_of"]
 
@@ -101,7 +101,7 @@ class YoloOptions(ResizeOptions):
 
 
 @register
-class Yolo(Handler):
+class Yolo(PlannedInput, Handler):
     name = "yolo"
     description = "Ultralytics YOLO / RT-DETR ONNX export (v8 [1,4+C,N], v5 [1,N,5+C], end2end [1,K,6], RT-DETR)"
     options_model = YoloOptions
@@ -136,14 +136,6 @@ class Yolo(Handler):
             return True
         # A row (v5, end2end, rtdetr) or column (v8) holds a box and at least one class score.
         return min(d1, d2) >= 5 and d1 != d2
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self._prep.size
-
-    @property
-    def letterboxes(self) -> bool:
-        return self._prep.keep_aspect
 
     @property
     def num_classes(self) -> int | None:
