@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "serve": "serve the active model over HTTP (the module's main process)",
         "pack": "build a model package (zip with manifest and SHA-256 of each file) from a folder",
-        "verify": "validate a model package without activating it",
+        "verify": "validate a model package without activating it (and say who signed it)",
+        "sign": "sign a model package with a private key (OpenSSF model-signing format)",
         "twin-patch": "print the module-twin desired properties that point devices at a package",
     }
     if not argv or argv[0] in ("-h", "--help"):
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from supervisor.cli.pack import verify_main
 
         return verify_main(rest)
+    if command == "sign":
+        from supervisor.cli.sign import sign_main
+
+        return sign_main(rest)
     if command == "twin-patch":
         from supervisor.cli.twinpatch import main as twin_patch_main
 

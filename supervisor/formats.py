@@ -23,6 +23,7 @@ __all__ = [
     "REASON_FILE",
     "SCHEMA_FILE",
     "SIDECAR_SUFFIXES",
+    "SIGNATURE_NAME",
     "TMP_PREFIX",
     "parse_md5",
     "parse_sha256",
@@ -32,6 +33,8 @@ __all__ = [
 MANIFEST_NAME = "model.json"
 MODEL_SUFFIXES = (".onnx", ".tflite")
 LABEL_FILE_NAMES = ("labels.txt", "labelmap.txt", "coco_classes.txt")
+# The package's signature (model-signing format: a Sigstore bundle over the files' SHA-256), at its root.
+SIGNATURE_NAME = "model.sig"
 # The JSON Schema of model.json, published in the repository (docs/) for editors.
 SCHEMA_FILE = "model.schema.json"
 

@@ -236,10 +236,12 @@ async def list_models(request: web.Request) -> web.Response:
             "handler": r.get("handler"), "sha256": r.get("model_sha256"),
             "package": r.get("package"), "package_sha256": r.get("package_sha256"),
             "source": r.get("source"), "installed_at": r.get("installed_at"),
+            "signer": r.get("signer"),  # {"key", "fingerprint", "verified"}; null: unsigned
             "last_problem": trouble.get(v.key),
         })
+    signed_by = next((v["signer"] for v in versions if v["state"] == "active"), None)
     return web.json_response({
-        "active": active.info.public() if active else None,
+        "active": {**active.info.public(), "signer": signed_by} if active else None,
         "current_on_disk": f"{current.name}/{current.version}" if current else None,
         "versions": versions,
         "rejected": rejected,

@@ -55,6 +55,8 @@ class Manifest:
     # SHA-256 of every file of the unpacked package (relative path -> hex), computed once at staging
     # and kept in the install record: later steps and later loads reuse it instead of re-reading.
     hashes: Mapping[str, str] = field(default_factory=dict)
+    # Who signed the package (signature.py: key name, fingerprint, verified), None when unsigned.
+    signer: Mapping[str, Any] | None = None
 
 
 

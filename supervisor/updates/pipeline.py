@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from supervisor.errors import Conflict, ModelInvalid, NotFound
+from supervisor.errors import Conflict, ModelInvalid, NotFound, StartupError
 from supervisor.formats import ACTIVATED_MARKER, ACTIVATIONS_FILE, TMP_PREFIX
 from supervisor.fsutil import remove_tree
 from supervisor.package.archive import ArchiveLimits, unpack_package
@@ -33,6 +33,7 @@ from supervisor.package.checks import (
 from supervisor.package.paths import public_reason
 from supervisor.package.reader import PackageError, read_manifest
 from supervisor.package.reasons import user_reason
+from supervisor.package.signature import Trust, TrustError
 from supervisor.serving.engine import Engine
 from supervisor.serving.loader import LoadedModel
 from supervisor.settings import Settings
@@ -62,6 +63,10 @@ class Pipeline:
             settings.max_package_files, settings.max_package_bytes, settings.max_compression_ratio
         )
         self.history = ActivationHistory(repo.data_dir / ACTIVATIONS_FILE)
+        try:
+            self.trust = Trust.load(settings.trusted_keys, settings.require_signature)
+        except TrustError as exc:
+            raise StartupError(str(exc)) from None
         self._lock = asyncio.Lock()
         self._rollback_task: asyncio.Task[None] | None = None
         engine.on_failure_streak = self._on_failure_streak
@@ -97,10 +102,12 @@ class Pipeline:
     def _active_event(self, model: LoadedModel, source: str, package: str, sha: str | None = None) -> ModelEvent:
         info = model.info
         rel = info.path.relative_to(self.repo.data_dir)
+        stored = self.repo.get(info.name, info.version)
         return ModelEvent(
             state="active", source=source, package=package, name=info.name, version=info.version,
             sha256=sha, model_sha256=info.model_sha256, model_path=str(rel / info.model_file),
             labels_path=str(rel / info.labels_file) if info.labels_file else None,
+            signer=signer_text(stored.record.get("signer") if stored else None),
         )
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -221,7 +228,7 @@ class Pipeline:
         self._emit("validating", source, name, sha256=sha)
         workdir = await self._blocking(self.repo.new_workdir)
         try:
-            manifest = await self._blocking(stage_package, package, workdir, self.limits, intent, sha)
+            manifest = await self._blocking(stage_package, package, workdir, self.limits, intent, sha, self.trust)
             # Load and warm up from the workdir: a model that fails never reaches models/.
             model = await self.engine.load(workdir, manifest)
         except BaseException:
@@ -229,7 +236,7 @@ class Pipeline:
             raise
         activate = manifest.activate if intent.activate is None else intent.activate
         record = {"package": name, "package_sha256": sha, "source": source, "activate": activate,
-                  **_model_record(model), "file_sha256": dict(manifest.hashes)}
+                  **_model_record(model), "file_sha256": dict(manifest.hashes), "signer": manifest.signer}
         try:
             version = await self._blocking(self.repo.install, workdir, manifest.name, manifest.version, record)
         except BaseException:
@@ -358,6 +365,15 @@ class Pipeline:
             log.error("auto_rollback_failed", reason=str(exc))
         finally:
             self._rollback_task = None
+
+
+def signer_text(record: object) -> str | None:
+    """An install record's signer as one line for events and the twin: "ops (sha256:…)"."""
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+        return None
+    name = record.get("key") or "unknown key"
+    text = f"{name} (sha256:{record['fingerprint'][:16]})"
+    return text if record.get("verified") else f"{text}, not verified"
 
 
 def _model_record(model: LoadedModel) -> dict[str, Any]:
