@@ -3,6 +3,9 @@
 Refused: absolute paths and ``..`` (zip-slip), symlinks, device files and other non-regular
 entries, too many files, too many bytes unpacked, and a compression ratio typical of zip bombs.
 Sizes are checked while the bytes are written, not only from the (forgeable) zip header.
+
+Free space is checked before anything is written, and a write that fails on a full disk raises
+``DiskFull`` (the device's condition), never a PackageError (the package's defect).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from supervisor.diskspace import DiskFull, ensure_room, is_disk_full
 from supervisor.package.paths import PackageError, walk_files
 
 __all__ = ["ArchiveLimits", "is_complete_zip", "unpack_package"]
@@ -86,6 +90,7 @@ def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
             raise PackageError(
                 f"compression ratio {declared / compressed:.0f}:1 is over {limits.max_ratio:.0f}:1 (zip bomb?)"
             )
+        ensure_room(dest, declared, "unpack the package")
         written = 0
         for info, rel in zip(members, paths, strict=True):
             target = dest.joinpath(*rel.parts[strip:])
@@ -100,6 +105,9 @@ def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
             except FileExistsError as exc:
                 raise PackageError(f"archive holds {info.filename!r} twice") from exc
             except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+                if is_disk_full(exc):
+                    raise DiskFull(f"the disk filled up while unpacking {info.filename!r}",
+                                   needed=declared) from exc
                 raise PackageError(f"archive entry {info.filename!r} is corrupt: {exc}") from exc
             except RuntimeError as exc:  # zipfile's "File is encrypted, password required"
                 raise PackageError(f"archive entry {info.filename!r} cannot be read: {exc}") from exc
@@ -132,6 +140,7 @@ def _copy_folder(src: Path, dest: Path, limits: ArchiveLimits) -> None:
         if total > limits.max_bytes:
             raise PackageError(f"package folder holds more than {limits.max_bytes} bytes; the limit is "
                                f"{limits.max_bytes}")
+    ensure_room(dest, total, "copy the package")
     for rel in files:
         target = dest.joinpath(*rel.parts)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +157,7 @@ def unpack_package(source: Path, dest: Path, limits: ArchiveLimits) -> None:
     if source.is_dir():
         _copy_folder(source, dest, limits)
     elif source.suffix.lower() in (".onnx", ".tflite"):
+        ensure_room(dest, source.stat().st_size, "copy the model")
         shutil.copyfile(source, dest / source.name)
     elif source.stat().st_size == 0:
         raise PackageError("the package file is empty")

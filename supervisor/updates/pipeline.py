@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from supervisor.diskspace import is_disk_full
 from supervisor.errors import Conflict, ModelInvalid, NotFound, StartupError
 from supervisor.formats import ACTIVATED_MARKER, ACTIVATIONS_FILE, TMP_PREFIX
 from supervisor.fsutil import remove_tree
@@ -40,8 +41,9 @@ from supervisor.settings import Settings
 from supervisor.updates.events import EventBus, ModelEvent, State
 from supervisor.updates.history import ActivationHistory
 from supervisor.updates.late_sidecar import is_checksum_sidecar, judge_late_sidecar
-from supervisor.updates.quarantine import Quarantine
+from supervisor.updates.quarantine import Quarantine, tree_size
 from supervisor.updates.repository import InstalledVersion, Repository
+from supervisor.updates.space import SpaceWait
 
 __all__ = ["Pipeline"]
 
@@ -58,7 +60,9 @@ class Pipeline:
         self.repo = repo
         self.engine = engine
         self.events = events
-        self.quarantine = Quarantine(repo.quarantine_dir)
+        self.quarantine = Quarantine(repo.quarantine_dir, settings.quarantine_keep, settings.quarantine_max_bytes)
+        # Packages that met a full disk: tried again when space returns (space.py).
+        self.space_wait = SpaceWait(repo.data_dir, self.process)
         self.limits = ArchiveLimits(
             settings.max_package_files, settings.max_package_bytes, settings.max_compression_ratio
         )
@@ -116,7 +120,10 @@ class Pipeline:
         """Repair the disk, then serve current, else the newest valid version, else the bundled default."""
         await self._blocking(self.repo.repair)
         current, previous = await self._blocking(lambda: (self.repo.current(), self.repo.previous()))
-        await self._blocking(self.history.seed, [v.key if v else None for v in (previous, current)])
+        try:
+            await self._blocking(self.history.seed, [v.key if v else None for v in (previous, current)])
+        except OSError as exc:  # a full disk must not keep the service from serving what it has
+            log.error("activation_history_not_written", error=str(exc))
         candidates = [current] if current else []
         stored = await self._blocking(self.repo.versions)
         candidates += [v for v in reversed(stored) if current is None or v.key != current.key]
@@ -182,10 +189,16 @@ class Pipeline:
                 sha = await self._blocking(package_sha256, package)
                 return await self._process_locked(package, name, sha, intent)
             except (PackageError, ModelInvalid, FileExistsError, OSError) as exc:
+                if is_disk_full(exc):
+                    await self._disk_full(package, source, name, sha, exc)
+                    return None
                 reason = str(exc) if not isinstance(exc, FileExistsError) else f"{exc}, with other content"
                 # The full text (a runtime's own error) for the log; the user gets the short one.
                 log.info("package_rejected_detail", package=name, detail=str(exc.__cause__ or exc))
             except Exception as exc:
+                if is_disk_full(exc):
+                    await self._disk_full(package, source, name, sha, exc)
+                    return None
                 # A bug of ours or a library's met on this package: quarantine it all the same, with
                 # the reason (visible in /models), rather than leave it in the folder unexplained.
                 log.exception("package_processing_error", package=name)
@@ -199,6 +212,21 @@ class Pipeline:
             await self._blocking(self.quarantine.add, package, reason, sha, sidecars(package))
             self._emit("rejected", source, name, sha256=sha, reason=reason)
             return None
+
+    async def _disk_full(self, package: Path, source: str, name: str, sha: str | None, exc: BaseException) -> None:
+        """The disk filled up (or would have): the device's condition, not the package's defect. The
+        package stays where it is, its hash is not remembered as bad, nothing is copied to quarantine,
+        and it is tried again when space returns (or dropped again, or after a restart)."""
+        needed = getattr(exc, "needed", None)
+        if needed is None:
+            needed = await self._blocking(tree_size, package) * 2
+        where = "staging/" if source in ("twin", "staging") else "inbox/"
+        detail = user_reason(str(exc), self.repo.data_dir) if getattr(exc, "needed", None) else "no space left"
+        reason = public_reason(f"the device's disk is full ({detail}); not the package's fault: it stays in "
+                               f"{where} and is tried again when space returns")
+        log.error("package_deferred_disk_full", package=name, detail=str(exc), needed=needed)
+        self._emit("failed", source, name, sha256=sha, reason=reason)
+        self.space_wait.add(package, source, needed)
 
     async def _late_sidecar(self, sidecar: Path, source: str) -> None:
         """A checksum sidecar whose package had already been taken (late_sidecar.py)."""
@@ -292,9 +320,18 @@ class Pipeline:
     ) -> None:
         # Flip first: a crash between the two leaves the version current (start-up serves it);
         # the other order would leave it marked but never active, and its package a "duplicate".
-        await self._blocking(self.repo.flip, version)
-        await self._blocking(_mark_activated, version.path)
-        await self._blocking(self.history.rolled_back_to if rollback else self.history.record, version.key)
+        try:
+            await self._blocking(self.repo.flip, version)
+        except BaseException:
+            await self._blocking(model.runtime.close)  # the old model serves on; this one is not used
+            raise
+        try:
+            await self._blocking(_mark_activated, version.path)
+            await self._blocking(self.history.rolled_back_to if rollback else self.history.record, version.key)
+        except OSError as exc:
+            # After the flip the disk says this version is current, so the engine must serve it too:
+            # a marker or a history entry a full disk refused costs a less precise rollback, no more.
+            log.error("activation_record_not_written", name=version.name, version=version.version, error=str(exc))
         await self.engine.swap(model)
         self.events.publish(self._active_event(model, source, package, sha))
 
@@ -351,8 +388,10 @@ class Pipeline:
         )
 
     async def close(self) -> None:
-        """Stop what the pipeline started on its own (an automatic rollback under way): cancelled
-        and awaited, so that shutdown does not leave it half-done behind the engine's back."""
+        """Stop what the pipeline started on its own (an automatic rollback under way, the wait for
+        disk space): cancelled and awaited, so that shutdown does not leave it half-done behind the
+        engine's back."""
+        await self.space_wait.close()
         task = self._rollback_task
         if task is not None:
             task.cancel()
