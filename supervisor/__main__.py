@@ -66,7 +66,10 @@ def _serve(argv: list[str]) -> int:
         # get shutdown_timeout seconds, then cleanup_ctx leaves the services in reverse order.
         # 8 s leaves room for that cleanup inside Docker's default 10 s before SIGKILL. Its print
         # hook runs once the socket listens: that is when the service says it is serving.
-        web.run_app(app, sock=sock, access_log=None, shutdown_timeout=8.0, print=serving_logger(app, sock))
+        # keepalive_timeout is also the time a new connection has to send its first request's headers
+        # (aiohttp arms it when the connection opens; trickled bytes do not reset it): slowloris guard.
+        web.run_app(app, sock=sock, access_log=None, shutdown_timeout=8.0, print=serving_logger(app, sock),
+                    keepalive_timeout=settings.header_timeout_seconds)
     except StartupError as exc:
         return _fail(exc)
     return 0

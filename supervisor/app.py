@@ -20,8 +20,9 @@ from aiohttp import web
 from supervisor.errors import StartupError
 from supervisor.fsutil import remove_tree
 from supervisor.http.auth import token_middleware
-from supervisor.http.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
+from supervisor.http.keys import ADMISSION, ENGINE, EVENTS, PIPELINE, REPOSITORY, SETTINGS, TWIN_STATUS
 from supervisor.http.middleware import error_middleware, request_log_middleware
+from supervisor.http.overload import Admission
 from supervisor.http.routes import routes
 from supervisor.serving.engine import Engine
 from supervisor.settings import Settings
@@ -165,7 +166,8 @@ def _url_host(host: str) -> str:
 def build_app(settings: Settings, import_path: Path | None = None, services: bool = True) -> web.Application:
     """The whole service as one aiohttp app. ``services=False`` leaves out the folder and twin
     watchers (tests that drive the pipeline themselves)."""
-    middlewares = [request_log_middleware, error_middleware]
+    admission = Admission(settings.max_queued_requests)
+    middlewares = [request_log_middleware, error_middleware, admission.middleware]
     if settings.api_token:
         middlewares.append(token_middleware(settings.api_token, settings.api_token_scope))
         log.info("api_token_required", scope=settings.api_token_scope)
@@ -173,6 +175,7 @@ def build_app(settings: Settings, import_path: Path | None = None, services: boo
         log.info("api_open", hint="anyone who reaches the port can switch models; see EDGELOADER_API_TOKEN")
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
+    app[ADMISSION] = admission
     app[EVENTS] = EventBus()
     app[TWIN_STATUS] = TwinStatus()
     if import_path is not None:

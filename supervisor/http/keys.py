@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from supervisor.http.overload import Admission
 from supervisor.serving.engine import Engine
 from supervisor.settings import Settings
 from supervisor.twin.status import TwinStatus
@@ -11,7 +12,7 @@ from supervisor.updates.events import EventBus
 from supervisor.updates.pipeline import Pipeline
 from supervisor.updates.repository import Repository
 
-__all__ = ["ENGINE", "EVENTS", "PIPELINE", "REPOSITORY", "SETTINGS", "TWIN_STATUS"]
+__all__ = ["ADMISSION", "ENGINE", "EVENTS", "PIPELINE", "REPOSITORY", "SETTINGS", "TWIN_STATUS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", Engine)
@@ -19,3 +20,4 @@ EVENTS = web.AppKey("events", EventBus)
 REPOSITORY = web.AppKey("repository", Repository)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 TWIN_STATUS = web.AppKey("twin_status", TwinStatus)
+ADMISSION = web.AppKey("admission", Admission)
