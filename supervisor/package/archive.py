@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ def is_complete_zip(path: Path) -> bool:
         return True
     except (zipfile.BadZipFile, OSError, EOFError):
         return False
+    except (ValueError, struct.error, NotImplementedError):
+        return True  # its end is there but zipfile refuses it: the pipeline says why
 
 
 def _safe_member_path(name: str) -> PurePosixPath:
@@ -67,9 +70,15 @@ def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
         raise PackageError("not a valid zip file (truncated, or not a zip at all)") from exc
+    except (ValueError, EOFError, struct.error, NotImplementedError) as exc:
+        # A central directory zipfile chokes on: a name flagged UTF-8 that is not (UnicodeDecodeError,
+        # found by the fuzzer), a forged field.
+        raise PackageError(f"the zip's directory cannot be read: {type(exc).__name__}") from exc
     from handlers.ort_cache import is_runtime_cache  # here: the watcher imports this module, not runtimes
 
     with zf:
+        if any(not i.filename for i in zf.infolist()):  # zipfile's is_dir() fails on one (IndexError)
+            raise PackageError("archive holds an entry without a name")
         # An optimised-model cache is derived per device (handlers/runtimes.py): never taken in.
         members = [i for i in zf.infolist() if not i.is_dir()
                    and not is_runtime_cache(PurePosixPath(i.filename.replace("\\", "/")))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import stat
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ def package_sha256(path: Path) -> str:
     # (Walked iteratively with a depth cap: a folder nested a thousand deep is refused here.)
     for rel, st in sorted(walk_files(path)):
         if stat.S_ISREG(st.st_mode) and not is_runtime_cache(rel):
-            h.update(str(rel).encode() + b"\0" + file_sha256(path / rel).encode())
+            # fsencode: a name that is no UTF-8 (surrogate-escaped) hashes as its bytes (found by the fuzzer).
+            h.update(os.fsencode(str(rel)) + b"\0" + file_sha256(path / rel).encode())
     return h.hexdigest()
 
 

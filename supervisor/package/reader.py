@@ -121,6 +121,8 @@ def read_manifest(folder: Path, fallback_name: str | None = None, fallback_versi
             raw = json.loads(read_small_text(manifest_path, MAX_MANIFEST_BYTES, MANIFEST_NAME))
         except json.JSONDecodeError as exc:
             raise PackageError(f"model.json is not valid JSON: {exc}") from exc
+        except RecursionError:  # "[[[[…" a hundred thousand deep fits in 1 MB (found by the fuzzer)
+            raise PackageError("model.json nests too deep to be a manifest") from None
         if not isinstance(raw, dict):
             raise PackageError("model.json must hold a JSON object")
     try:

@@ -157,7 +157,7 @@ def _bundle_key_hint(sig: Path) -> str | None:
         bundle = json.loads(sig.read_bytes())
         material = bundle["verificationMaterial"]
         envelope = bundle["dsseEnvelope"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise PackageError(f"{SIGNATURE_NAME} is not a model-signing signature (a Sigstore bundle)") from None
     if not isinstance(material, dict) or not isinstance(envelope, dict):
         raise PackageError(f"{SIGNATURE_NAME} is not a model-signing signature (a Sigstore bundle)")
@@ -247,7 +247,7 @@ def _verify(folder: Path, sig: Path, key: TrustedKey) -> None:
         if str(exc).startswith("Signature mismatch"):
             try:
                 _, signed = _signed_resources(sig)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 signed = {}
             raise PackageError(f"changed after signing: {_what_changed(folder, signed)}") from None
         log.info("signature_unreadable", detail=str(exc)[:500])
