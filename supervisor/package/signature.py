@@ -111,8 +111,11 @@ class Trust:
         the file that cannot be used, or when signatures are required and there is no key."""
         keys: dict[str, TrustedKey] = {}
         for path in paths:
-            files = sorted(p for p in path.iterdir() if p.suffix in _KEY_SUFFIXES and p.is_file()) \
-                if path.is_dir() else [path]
+            try:
+                files = sorted(p for p in path.iterdir() if p.suffix in _KEY_SUFFIXES and p.is_file()) \
+                    if path.is_dir() else [path]
+            except OSError as exc:
+                raise TrustError(f"trusted keys folder {path}: cannot list it ({exc.strerror})") from None
             for file in files:
                 try:
                     pem = file.read_bytes()

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from supervisor.diskspace import is_disk_full
+from supervisor.diskspace import RESERVE_BYTES, is_disk_full
 from supervisor.errors import Conflict, ModelInvalid, NotFound, StartupError
 from supervisor.formats import ACTIVATED_MARKER, ACTIVATIONS_FILE, TMP_PREFIX
 from supervisor.fsutil import remove_tree
@@ -95,7 +95,8 @@ class Pipeline:
             return None
         stored = self.repo.get(model.info.name, model.info.version)
         record = stored.record if stored else {}
-        return self._active_event(model, "startup", record.get("package") or "", record.get("package_sha256"))
+        return self._active_event(model, "startup", record.get("package") or "", record.get("package_sha256"),
+                                  record.get("signer"))
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.engine.loader, fn, *args)
@@ -103,15 +104,16 @@ class Pipeline:
     def _emit(self, state: State, source: str, package: str, **fields: Any) -> None:
         self.events.publish(ModelEvent(state=state, source=source, package=package, **fields))
 
-    def _active_event(self, model: LoadedModel, source: str, package: str, sha: str | None = None) -> ModelEvent:
+    def _active_event(
+        self, model: LoadedModel, source: str, package: str, sha: str | None = None, signer: object = None
+    ) -> ModelEvent:
         info = model.info
         rel = info.path.relative_to(self.repo.data_dir)
-        stored = self.repo.get(info.name, info.version)
         return ModelEvent(
             state="active", source=source, package=package, name=info.name, version=info.version,
             sha256=sha, model_sha256=info.model_sha256, model_path=str(rel / info.model_file),
             labels_path=str(rel / info.labels_file) if info.labels_file else None,
-            signer=signer_text(stored.record.get("signer") if stored else None),
+            signer=signer_text(signer),
         )
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ class Pipeline:
         and it is tried again when space returns (or dropped again, or after a restart)."""
         needed = getattr(exc, "needed", None)
         if needed is None:
-            needed = await self._blocking(tree_size, package) * 2
+            needed = await self._blocking(tree_size, package) + RESERVE_BYTES  # about what unpacking takes
         where = "staging/" if source in ("twin", "staging") else "inbox/"
         detail = user_reason(str(exc), self.repo.data_dir) if getattr(exc, "needed", None) else "no space left"
         reason = public_reason(f"the device's disk is full ({detail}); not the package's fault: it stays in "
@@ -333,7 +335,7 @@ class Pipeline:
             # a marker or a history entry a full disk refused costs a less precise rollback, no more.
             log.error("activation_record_not_written", name=version.name, version=version.version, error=str(exc))
         await self.engine.swap(model)
-        self.events.publish(self._active_event(model, source, package, sha))
+        self.events.publish(self._active_event(model, source, package, sha, version.record.get("signer")))
 
     # -- activation of stored versions --------------------------------------------------------------
 
