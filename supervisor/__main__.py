@@ -66,7 +66,10 @@ def _serve(argv: list[str]) -> int:
         # get shutdown_timeout seconds, then cleanup_ctx leaves the services in reverse order.
         # 8 s leaves room for that cleanup inside Docker's default 10 s before SIGKILL. Its print
         # hook runs once the socket listens: that is when the service says it is serving.
-        web.run_app(app, sock=sock, access_log=None, shutdown_timeout=8.0, print=serving_logger(app, sock))
+        # keepalive_timeout is also the time a new connection has to send its first request's headers
+        # (aiohttp arms it when the connection opens; trickled bytes do not reset it): slowloris guard.
+        web.run_app(app, sock=sock, access_log=None, shutdown_timeout=8.0, print=serving_logger(app, sock),
+                    keepalive_timeout=settings.header_timeout_seconds)
     except StartupError as exc:
         return _fail(exc)
     return 0
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "serve": "serve the active model over HTTP (the module's main process)",
         "pack": "build a model package (zip with manifest and SHA-256 of each file) from a folder",
-        "verify": "validate a model package without activating it",
+        "verify": "validate a model package without activating it (and say who signed it)",
+        "sign": "sign a model package with a private key (OpenSSF model-signing format)",
         "twin-patch": "print the module-twin desired properties that point devices at a package",
         "rollout": "write a layered IoT Edge deployment that rolls a package out to a group of devices",
         "status": "show the running service's models, downloads and twin (--url, EDGELOADER_API_TOKEN)",
@@ -104,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from supervisor.cli.pack import verify_main
 
         return verify_main(rest)
+    if command == "sign":
+        from supervisor.cli.sign import sign_main
+
+        return sign_main(rest)
     if command == "twin-patch":
         from supervisor.cli.twinpatch import main as twin_patch_main
 

@@ -21,6 +21,7 @@ from supervisor.errors import StartupError
 from supervisor.fsutil import remove_tree
 from supervisor.http.auth import token_middleware
 from supervisor.http.keys import (
+    ADMISSION,
     DOWNLOADS,
     ENGINE,
     EVENTS,
@@ -34,6 +35,7 @@ from supervisor.http.keys import (
 from supervisor.http.middleware import error_middleware, request_log_middleware
 from supervisor.http.observe import install_metrics, metrics_middleware, observe_ctx
 from supervisor.http.observe import routes as metrics_routes
+from supervisor.http.overload import Admission
 from supervisor.http.pictures import routes as picture_routes
 from supervisor.http.routes import routes
 from supervisor.http.status_page import routes as page_routes
@@ -184,7 +186,8 @@ def _url_host(host: str) -> str:
 def build_app(settings: Settings, import_path: Path | None = None, services: bool = True) -> web.Application:
     """The whole service as one aiohttp app. ``services=False`` leaves out the folder and twin
     watchers (tests that drive the pipeline themselves)."""
-    middlewares = [metrics_middleware, request_log_middleware, error_middleware]
+    admission = Admission(settings.max_queued_requests)
+    middlewares = [metrics_middleware, request_log_middleware, error_middleware, admission.middleware]
     if settings.api_token:
         middlewares.append(token_middleware(settings.api_token, settings.api_token_scope))
         log.info("api_token_required", scope=settings.api_token_scope)
@@ -192,6 +195,7 @@ def build_app(settings: Settings, import_path: Path | None = None, services: boo
         log.info("api_open", hint="anyone who reaches the port can switch models; see EDGELOADER_API_TOKEN")
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
+    app[ADMISSION] = admission
     app[EVENTS] = EventBus()
     app[TWIN_STATUS] = TwinStatus()
     app[METRICS] = Metrics()  # a registry per app: tests build several in one process

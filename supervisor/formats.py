@@ -25,6 +25,7 @@ __all__ = [
     "REASON_FILE",
     "SCHEMA_FILE",
     "SIDECAR_SUFFIXES",
+    "SIGNATURE_NAME",
     "TMP_PREFIX",
     "parse_md5",
     "parse_sha256",
@@ -37,6 +38,9 @@ LABEL_FILE_NAMES = ("labels.txt", "labelmap.txt", "coco_classes.txt")
 # The last member of a package written by `edgeloader pack`: where the chunks of its big files lie
 # (package/indexed.py). A dot-name: unpacked with the rest, but never taken for package content.
 CHUNK_INDEX_MEMBER = ".edgeloader-chunks.json"
+
+# The package's signature (model-signing format: a Sigstore bundle over the files' SHA-256), at its root.
+SIGNATURE_NAME = "model.sig"
 # The JSON Schema of model.json, published in the repository (docs/) for editors.
 SCHEMA_FILE = "model.schema.json"
 

@@ -57,6 +57,21 @@ def _windows(value: Any) -> Any:
     return [str(parse_window(w)) for w in value]
 
 
+def _path_list(value: Any) -> Any:
+    """A list of paths from the environment: a JSON list, or paths separated by commas."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            try:
+                return json.loads(text)
+            except ValueError:
+                return value  # pydantic names the setting and the form expected
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # 0 or less would make a loop spin
 Count = Annotated[int, Field(ge=1)]
 
@@ -143,6 +158,21 @@ class Settings(BaseSettings):
     """Routes that need the token: "admin" (model switching) or "all" (all but the health probes)."""
     bundled_model: Path = BUNDLED_MODEL_DIR
     """The model served when the repository holds none."""
+    # -- trust and limits (issue 16) --
+    trusted_keys: Annotated[list[Path], NoDecode, BeforeValidator(_path_list)] = Field(default_factory=list)
+    """Public keys (PEM files, or folders of *.pub / *.pem files) whose signatures a package may carry,
+    separated by commas in the environment. On IoT Edge: files bound into the container read-only."""
+    require_signature: bool = False
+    """Install only packages signed (model-signing format, model.sig) by one of trusted_keys: an unsigned
+    package, one signed by another key, or one changed after signing is quarantined with that reason."""
+    quarantine_keep: Count = 20
+    """Rejected packages whose bytes quarantine/ keeps (the oldest go first; their reasons stay longer)."""
+    quarantine_max_bytes: int = Field(200_000_000, ge=0)
+    """Most bytes the packages kept in quarantine/ may take together (a larger package is not kept)."""
+    max_queued_requests: Count = 32
+    """Requests admitted at once (waiting for or in inference); beyond, 503 busy with Retry-After."""
+    header_timeout_seconds: Seconds = 15.0
+    """Seconds a client has to send a request's headers; also how long an idle keep-alive connection stays."""
 
     @classmethod
     def settings_customise_sources(

@@ -38,6 +38,7 @@ __all__ = [
     "BUNDLED_TFLITE",
     "FULL_RANGE_TFLITE",
     "bad_package",
+    "big_ssd_onnx",
     "blazeface_files",
     "last",
     "no_handler_onnx",
@@ -140,6 +141,46 @@ def ssd_onnx(fail_on_real_images: bool = False, box: tuple[float, float, float, 
 
 
 @cache
+def big_ssd_onnx(weights: int = 1_500_000) -> bytes:
+    """The tiny SSD carrying ``weights`` float32 weights (6 MB for the default) that inference really
+    reads: they scale with the image's brightness and their sum (times zero) is added to the score, so
+    no optimisation folds them away. Large enough for the ONNX optimised-model cache (ort_cache.py:
+    1 MiB), which then holds them in its external-data file."""
+    model = onnx.load_from_string(ssd_onnx())
+    graph = model.graph
+    rng = np.random.default_rng(weights)
+    graph.initializer.extend([
+        onnx.numpy_helper.from_array(rng.standard_normal(weights).astype(np.float32), "big_weights"),
+        helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+    ])
+    scores = next(n for n in graph.node if n.output[0] == "detection_scores")
+    scores.input[0] = "brightness_plus"
+    graph.node.extend([
+        helper.make_node("Mul", ["big_weights", "brightness"], ["scaled_weights"]),
+        helper.make_node("ReduceSum", ["scaled_weights"], ["weights_sum"], keepdims=0),
+        helper.make_node("Mul", ["weights_sum", "zero"], ["nothing"]),
+        helper.make_node("Add", ["brightness", "nothing"], ["brightness_plus"]),
+    ])
+    sorted_nodes = onnx.helper.make_graph(
+        _topological(list(graph.node), [i.name for i in graph.input], [t.name for t in graph.initializer]),
+        graph.name, graph.input, graph.output, graph.initializer)
+    big = helper.make_model(sorted_nodes, opset_imports=[helper.make_opsetid("", 13)], producer_name="edgeloader-tests")
+    big.ir_version = 8
+    onnx.checker.check_model(big)
+    return big.SerializeToString()
+
+
+def _topological(nodes: list[onnx.NodeProto], inputs: list[str], inits: list[str]) -> list[onnx.NodeProto]:
+    ready, ordered, pending = set(inputs) | set(inits), [], list(nodes)
+    while pending:
+        node = next(n for n in pending if all(i in ready for i in n.input))
+        pending.remove(node)
+        ordered.append(node)
+        ready.update(node.output)
+    return ordered
+
+
+@cache
 def no_handler_onnx() -> bytes:
     """An image-to-image model (float NCHW in, a [1, 3, 32, 32] map out): no family fits it."""
     graph = helper.make_graph(
@@ -189,8 +230,9 @@ def package_files(
 
 
 def ssd_files(name: str = "tiny-ssd", version: str = "1", *, fail_on_real_images: bool = False,
-              extra_files: dict[str, bytes] | None = None, **manifest: Any) -> dict[str, bytes]:
-    model = ssd_onnx(fail_on_real_images)
+              extra_files: dict[str, bytes] | None = None, big: bool = False, **manifest: Any) -> dict[str, bytes]:
+    """``big``: the model with 6 MB of weights of its own (``big_ssd_onnx``)."""
+    model = big_ssd_onnx() if big else ssd_onnx(fail_on_real_images)
     manifest = {"handler": "onnx_ssd", "score_threshold": 0.1, **manifest}  # scores are ~brightness
     return package_files(name, version, "model.onnx", model, SSD_LABELS, extra_files=extra_files, **manifest)
 

@@ -1,7 +1,12 @@
 """Crash safety: a real `edgeloader serve` process is killed with SIGKILL at random moments of
 updates (and of its own start-up), many times. After every restart it is ready, serves a complete
 model, and has cleaned what the killed process left in staging. An update cut short is finished
-after the restart: after the last (clean) restart, the last package dropped is the active model."""
+after the restart: after the last (clean) restart, the last package dropped is the active model.
+
+Two campaigns: a tiny model beside 6 MB of padding, and a model with 6 MB of weights of its own
+(issue 16), large enough for the ONNX optimised-model cache: every install writes a 6 MB cache
+(graph and external data), and kills land in those writes too; a cache cut short must never keep a
+version from loading."""
 
 from __future__ import annotations
 
@@ -97,10 +102,13 @@ class Service:
 PADDING = random.Random(0).randbytes(6_000_000)
 
 
-def drop(inbox: Path, version: int) -> str:
+def drop(inbox: Path, version: int, kind: str = "padded") -> str:
     """Drop package `version` the way a careful copier does (write aside, rename in)."""
     name = f"update-{version}.zip"
-    files = ssd_files("tiny-ssd", str(version), extra_files={"weights.bin": PADDING})
+    if kind == "big-onnx":
+        files = ssd_files("tiny-ssd", str(version), big=True)
+    else:
+        files = ssd_files("tiny-ssd", str(version), extra_files={"weights.bin": PADDING})
     part = inbox / f"{name}.part"
     part.write_bytes(zip_bytes(files))
     os.rename(part, inbox / name)
@@ -123,6 +131,16 @@ def wait_log(log: Path, offset: int, needle: str, within: float) -> bool:
     return False
 
 
+def wait_path(folder: Path, pattern: str, within: float) -> bool:
+    """Whether something matching ``pattern`` shows up under ``folder`` within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if any(folder.glob(pattern)):
+            return True
+        time.sleep(0.002)
+    return False
+
+
 def processing_seconds(log: Path, package: str) -> float:
     """From the pipeline taking ``package`` to its removal (the last step), from the service log."""
     times = {}
@@ -135,7 +153,8 @@ def processing_seconds(log: Path, package: str) -> float:
 
 
 @pytest.mark.timeout(120)
-def test_kill_at_random_moments_and_restart(tmp_path: Path, photo: bytes) -> None:
+@pytest.mark.parametrize("kind", ["padded", "big-onnx"])
+def test_kill_at_random_moments_and_restart(tmp_path: Path, photo: bytes, kind: str) -> None:
     seed = int(os.environ.get("CRASH_SEED", time.time()))
     rng = random.Random(seed)
     data_dir = tmp_path / "data"
@@ -144,21 +163,26 @@ def test_kill_at_random_moments_and_restart(tmp_path: Path, photo: bytes) -> Non
     service = Service(data_dir, log)
     dropped = 0
     kills = {"startup": 0, "before-update": 0, "in-update": 0}
+    weights = [2, 2, 6]
+    if kind == "big-onnx":
+        kills["in-cache-write"] = 0  # aimed at the optimised-model cache being written
+        weights = [2, 2, 3, 3]
     served: set[tuple[str, str]] = set()
+    cut_in_cache = 0
     started = time.monotonic()
     try:
         service.start()
         service.wait_ready()
         # One clean update first, to time one: kills inside updates are spread over that time.
         dropped += 1
-        drop(inbox, dropped)
+        drop(inbox, dropped, kind)
         while service.wait_ready()["model"]["version"] != "1" or any(inbox.iterdir()):
             time.sleep(0.01)
         update_s = processing_seconds(log, "update-1.zip")
         iteration = 0
         while iteration < ITERATIONS[1] and (iteration < ITERATIONS[0] or time.monotonic() - started < BUDGET_S):
             iteration += 1
-            mode = rng.choices(list(kills), weights=[2, 2, 6])[0]
+            mode = rng.choices(list(kills), weights=weights)[0]
             kills[mode] += 1
             offset = log.stat().st_size
             if mode == "startup":
@@ -171,15 +195,20 @@ def test_kill_at_random_moments_and_restart(tmp_path: Path, photo: bytes) -> Non
                 pending = sorted(p.name for p in inbox.glob("update-*.zip"))
                 if not pending:
                     dropped += 1
-                    pending = [drop(inbox, dropped)]
+                    pending = [drop(inbox, dropped, kind)]
                 if mode == "before-update":
                     time.sleep(rng.uniform(0.0, 0.3))
+                elif mode == "in-cache-write":
+                    wait_path(data_dir / "staging", ".tmp-*/.ort-cache", within=5.0)
+                    time.sleep(rng.uniform(0.0, 0.1))
                 else:
                     # From the moment the pipeline takes the package to a little past its usual end.
                     wait_log(log, offset, f'"package": "{pending[0]}"', within=5.0)
                     time.sleep(rng.uniform(0.0, update_s))
             service.kill()
             left = leftovers(data_dir)
+            # A kill that cut an install after its model's optimised cache was started (in the workdir).
+            cut_in_cache += any((data_dir / "staging").glob(".tmp-*/.ort-cache"))
             service.start()
             ready = service.wait_ready()
             model = (ready["model"]["name"], ready["model"]["version"])
@@ -204,10 +233,15 @@ def test_kill_at_random_moments_and_restart(tmp_path: Path, photo: bytes) -> Non
         assert status == 200 and body["model"] == {"name": "tiny-ssd", "version": str(dropped)}
         _, models = service.request("GET", "/models")
         assert models["rejected"] == [], "a crash must never get a good package quarantined"
+        if kind == "big-onnx":  # the optimised-model cache was in play, and the version serves from one
+            caches = list((data_dir / "current" / ".ort-cache").glob("*.ortopt"))
+            assert caches, "the big model must load through the optimised-model cache"
+            assert log.read_text().count('"onnx_cache_written"') >= 2
     finally:
         service.stop()
     repaired = log.read_text().count('"repository_repaired"')
-    print(f"\ncrash test (CRASH_SEED={seed}): {iteration} kills {kills}, {dropped} packages, "
+    print(f"\ncrash test {kind} (CRASH_SEED={seed}): {iteration} kills {kills}, {dropped} packages, "
           f"{repaired} restarts found crash leftovers, update ~{update_s:.2f}s, "
-          f"{time.monotonic() - started:.1f}s, served {len(served)} versions")
+          f"{time.monotonic() - started:.1f}s, served {len(served)} versions, "
+          f"{cut_in_cache} kills after a cache was begun")
     assert iteration >= ITERATIONS[0] and dropped >= 3

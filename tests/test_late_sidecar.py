@@ -41,7 +41,9 @@ async def test_a_late_matching_sidecar_is_taken_and_removed(
     await start_watcher(pipeline)
     data = zip_bytes(ssd_files("tiny-ssd", "2"))
     (_inbox(settings) / "m.zip").write_bytes(data)
-    await wait_until(lambda: engine.active and engine.active.info.name == "tiny-ssd", what="the activation")
+    # Late means after the package has been installed and has left the inbox.
+    await wait_until(lambda: engine.active and engine.active.info.name == "tiny-ssd"
+                     and not (_inbox(settings) / "m.zip").exists(), what="the activation")
     late = _inbox(settings) / "m.zip.sha256"
     late.write_text(f"{hashlib.sha256(data).hexdigest()}  m.zip\n")
     await wait_until(lambda: not late.exists(), within=10, what="the late sidecar to be taken")
@@ -54,7 +56,9 @@ async def test_a_late_sidecar_that_does_not_match_is_reported(
 ) -> None:
     await start_watcher(pipeline)
     (_inbox(settings) / "m.zip").write_bytes(zip_bytes(ssd_files("tiny-ssd", "2")))
-    await wait_until(lambda: engine.active and engine.active.info.name == "tiny-ssd", what="the activation")
+    # Late means after the package has been installed and has left the inbox.
+    await wait_until(lambda: engine.active and engine.active.info.name == "tiny-ssd"
+                     and not (_inbox(settings) / "m.zip").exists(), what="the activation")
     (_inbox(settings) / "m.zip.sha256").write_text("ab" * 32 + "  m.zip\n")
     rejected = await wait_until(lambda: last(events, "rejected"), within=10, what="the report")
     assert rejected.package == "m.zip.sha256"

@@ -228,17 +228,21 @@ def pack_main(argv: list[str]) -> int:
 
 
 def _verify(
-    package: Path, config: Path | None, as_json: bool, label: str | None = None, runtime_optional: bool = False
+    package: Path, config: Path | None, as_json: bool, label: str | None = None, runtime_optional: bool = False,
+    keys: list[Path] | None = None,
 ) -> int:
     """Exit status of verifying ``package``. ``runtime_optional`` (pack): where the model's runtime is
     not installed (a build machine), every other check still runs, and the package passes with a warning."""
     # Imported here: the runtimes are heavy and `pack --help` should not wait for them.
+    from supervisor.package.signature import Trust, TrustError
     from supervisor.settings import load_settings
     from supervisor.updates.verify import validate_package
 
     try:
         settings = load_settings(config_file=config)
-    except ValueError as exc:
+        # --key adds to the settings' trusted keys (a build machine has none configured).
+        trust = Trust.load([*settings.trusted_keys, *(keys or [])], settings.require_signature)
+    except (ValueError, TrustError) as exc:
         return _fail(str(exc), 2)
     label = label or str(package)
     if not package.exists():
@@ -246,7 +250,7 @@ def _verify(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgeloader-verify-") as tmp:
         try:
-            checked = validate_package(package, Path(tmp), settings)
+            checked = validate_package(package, Path(tmp), settings, trust=trust)
         except ModelInvalid as exc:
             if runtime_optional and isinstance(exc.__cause__, RuntimeMissing):
                 print(f"edgeloader: warning: {exc}; the other checks passed (archive, model.json, hashes, "
@@ -283,6 +287,7 @@ def _report_valid(label: str, checked: Validated, start: float, as_json: bool) -
         "files_checked": len(manifest.files),
         "activate": activate,
         "package_sha256": checked.sha256,
+        "signer": manifest.signer,
         "seconds": round(time.perf_counter() - start, 3),
     }
     if as_json:
@@ -299,8 +304,19 @@ def _report_valid(label: str, checked: Validated, start: float, as_json: bool) -
     hashes = f"{len(manifest.files)} files match model.json" if manifest.files else "none listed in model.json"
     print(f"  hashes    {hashes}")
     print(f"  activates {'yes' if activate else 'no (stored only)'}")
+    print(f"  signed by {_signer_line(manifest.signer)}")
     print(f"  sha256    {checked.sha256}")
     return 0
+
+
+def _signer_line(signer: Any) -> str:
+    if not signer:
+        return "nobody (unsigned)"
+    fingerprint = signer["fingerprint"]
+    if signer.get("verified"):
+        return f"{signer['key']} (key sha256:{fingerprint}), signature and files checked"
+    return (f"an unknown key (sha256:{fingerprint}): not checked; pass its public key with --key or list it "
+            "in trusted_keys")
 
 
 def verify_main(argv: list[str]) -> int:
@@ -313,6 +329,9 @@ def verify_main(argv: list[str]) -> int:
     parser.add_argument("package", type=Path, metavar="PACKAGE")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--config", type=Path, help="settings file with the package limits")
+    parser.add_argument("--key", type=Path, action="append", metavar="PUB.pem",
+                        help="a public key to check the signature against (besides the settings' trusted_keys); "
+                        "may be given more than once")
     args = parser.parse_args(argv)
-    return _verify(args.package, args.config, args.json)
+    return _verify(args.package, args.config, args.json, keys=args.key)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from supervisor.http.overload import Admission
 from supervisor.metrics import Metrics
 from supervisor.serving.engine import Engine
 from supervisor.settings import Settings
@@ -14,7 +15,10 @@ from supervisor.updates.pipeline import Pipeline
 from supervisor.updates.repository import Repository
 from supervisor.updates.watcher import PackageWatcher
 
-__all__ = ["DOWNLOADS", "ENGINE", "EVENTS", "METRICS", "PIPELINE", "REPOSITORY", "SETTINGS", "TWIN_STATUS", "WATCHER"]
+__all__ = [
+    "ADMISSION", "DOWNLOADS", "ENGINE", "EVENTS", "METRICS", "PIPELINE", "REPOSITORY", "SETTINGS", "TWIN_STATUS",
+    "WATCHER",
+]
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", Engine)
@@ -25,3 +29,4 @@ TWIN_STATUS = web.AppKey("twin_status", TwinStatus)
 METRICS = web.AppKey("metrics", Metrics)
 DOWNLOADS = web.AppKey("downloads", Downloads)
 WATCHER = web.AppKey("watcher", PackageWatcher)
+ADMISSION = web.AppKey("admission", Admission)

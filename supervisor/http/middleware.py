@@ -42,7 +42,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.info("client_disconnected", path=request.path, error=type(exc).__name__)
         return json_error(400, "client_disconnected", "the client closed the connection before the body was sent")
     except EdgeLoaderError as exc:
-        return json_error(exc.status, exc.code, str(exc))
+        response = json_error(exc.status, exc.code, str(exc))
+        if exc.code == "busy":  # out of a shared resource for now: say when to come back
+            response.headers["Retry-After"] = "1"
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

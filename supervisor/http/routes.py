@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from handlers.base import lookup
 from handlers.imaging import ImageDecodeError, ImageTooLarge, UnsupportedImageType
@@ -87,14 +88,19 @@ async def _read_image(request: web.Request) -> bytes:
 async def _multipart_image(request: web.Request, max_parts: int) -> bytes:
     """The 'image' part of a multipart body. Parts are counted: 100,000 tiny parts in a body under
     the size cap kept the event loop busy for seconds (each part is parsed without yielding)."""
-    reader = await request.multipart()
-    parts = 0
-    async for part in reader:
-        parts += 1
-        if parts > max_parts:
-            raise BadRequest(f"multipart body has more than {max_parts} parts; send the image as one part")
-        if getattr(part, "name", None) == "image":
-            return bytes(await part.read(decode=False))  # type: ignore[union-attr]
+    try:
+        reader = await request.multipart()
+        parts = 0
+        async for part in reader:
+            parts += 1
+            if parts > max_parts:
+                raise BadRequest(f"multipart body has more than {max_parts} parts; send the image as one part")
+            if getattr(part, "name", None) == "image":
+                return bytes(await part.read(decode=False))  # type: ignore[union-attr]
+    except (ValueError, HttpProcessingError) as exc:
+        # No boundary, a part header that is no header (found by schemathesis: both were 500s).
+        message = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+        raise BadRequest(f"malformed multipart body: {str(message).splitlines()[0][:100]}") from None
     raise BadRequest("multipart body has no 'image' field")
 
 
@@ -291,11 +297,13 @@ async def models_document(request: web.Request) -> dict[str, Any]:
             "handler": r.get("handler"), "task": _task_of(r.get("handler")), "sha256": r.get("model_sha256"),
             "package": r.get("package"), "package_sha256": r.get("package_sha256"),
             "source": r.get("source"), "installed_at": iso_utc(r.get("installed_at")),
+            "signer": r.get("signer"),  # {"key", "fingerprint", "verified"}; null: unsigned
             "last_problem": trouble.get(v.key),
         })
+    signed_by = next((v["signer"] for v in versions if v["state"] == "active"), None)
     twin = request.app[TWIN_STATUS].public() if TWIN_STATUS in request.app else None
     return {
-        "active": active.info.public() if active else None,
+        "active": {**active.info.public(), "signer": signed_by} if active else None,
         "current_on_disk": f"{current.name}/{current.version}" if current else None,
         "versions": versions,
         "rejected": [{**e, "at": iso_utc(e.get("at"))} for e in rejected],

@@ -3,17 +3,22 @@
 Refused: absolute paths and ``..`` (zip-slip), symlinks, device files and other non-regular
 entries, too many files, too many bytes unpacked, and a compression ratio typical of zip bombs.
 Sizes are checked while the bytes are written, not only from the (forgeable) zip header.
+
+Free space is checked before anything is written, and a write that fails on a full disk raises
+``DiskFull`` (the device's condition), never a PackageError (the package's defect).
 """
 
 from __future__ import annotations
 
 import shutil
 import stat
+import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from supervisor.diskspace import DiskFull, ensure_room, is_disk_full
 from supervisor.package.paths import PackageError, walk_files
 
 __all__ = ["ArchiveLimits", "is_complete_zip", "unpack_package"]
@@ -36,6 +41,8 @@ def is_complete_zip(path: Path) -> bool:
         return True
     except (zipfile.BadZipFile, OSError, EOFError):
         return False
+    except (ValueError, struct.error, NotImplementedError):
+        return True  # its end is there but zipfile refuses it: the pipeline says why
 
 
 def _safe_member_path(name: str) -> PurePosixPath:
@@ -63,9 +70,15 @@ def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
         raise PackageError("not a valid zip file (truncated, or not a zip at all)") from exc
+    except (ValueError, EOFError, struct.error, NotImplementedError) as exc:
+        # A central directory zipfile chokes on: a name flagged UTF-8 that is not (UnicodeDecodeError,
+        # found by the fuzzer), a forged field.
+        raise PackageError(f"the zip's directory cannot be read: {type(exc).__name__}") from exc
     from handlers.ort_cache import is_runtime_cache  # here: the watcher imports this module, not runtimes
 
     with zf:
+        if any(not i.filename for i in zf.infolist()):  # zipfile's is_dir() fails on one (IndexError)
+            raise PackageError("archive holds an entry without a name")
         # An optimised-model cache is derived per device (handlers/runtimes.py): never taken in.
         members = [i for i in zf.infolist() if not i.is_dir()
                    and not is_runtime_cache(PurePosixPath(i.filename.replace("\\", "/")))]
@@ -86,6 +99,7 @@ def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
             raise PackageError(
                 f"compression ratio {declared / compressed:.0f}:1 is over {limits.max_ratio:.0f}:1 (zip bomb?)"
             )
+        ensure_room(dest, declared, "unpack the package")
         written = 0
         for info, rel in zip(members, paths, strict=True):
             target = dest.joinpath(*rel.parts[strip:])
@@ -100,6 +114,9 @@ def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
             except FileExistsError as exc:
                 raise PackageError(f"archive holds {info.filename!r} twice") from exc
             except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+                if is_disk_full(exc):
+                    raise DiskFull(f"the disk filled up while unpacking {info.filename!r}",
+                                   needed=declared) from exc
                 raise PackageError(f"archive entry {info.filename!r} is corrupt: {exc}") from exc
             except RuntimeError as exc:  # zipfile's "File is encrypted, password required"
                 raise PackageError(f"archive entry {info.filename!r} cannot be read: {exc}") from exc
@@ -132,6 +149,7 @@ def _copy_folder(src: Path, dest: Path, limits: ArchiveLimits) -> None:
         if total > limits.max_bytes:
             raise PackageError(f"package folder holds more than {limits.max_bytes} bytes; the limit is "
                                f"{limits.max_bytes}")
+    ensure_room(dest, total, "copy the package")
     for rel in files:
         target = dest.joinpath(*rel.parts)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +166,7 @@ def unpack_package(source: Path, dest: Path, limits: ArchiveLimits) -> None:
     if source.is_dir():
         _copy_folder(source, dest, limits)
     elif source.suffix.lower() in (".onnx", ".tflite"):
+        ensure_room(dest, source.stat().st_size, "copy the model")
         shutil.copyfile(source, dest / source.name)
     elif source.stat().st_size == 0:
         raise PackageError("the package file is empty")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import stat
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from supervisor.package.reader import (
     read_manifest,
     verify_files,
 )
+from supervisor.package.signature import Trust, check_signature
 
 __all__ = [
     "Intent",
@@ -55,7 +57,8 @@ def package_sha256(path: Path) -> str:
     # (Walked iteratively with a depth cap: a folder nested a thousand deep is refused here.)
     for rel, st in sorted(walk_files(path)):
         if stat.S_ISREG(st.st_mode) and not is_runtime_cache(rel):
-            h.update(str(rel).encode() + b"\0" + file_sha256(path / rel).encode())
+            # fsencode: a name that is no UTF-8 (surrogate-escaped) hashes as its bytes (found by the fuzzer).
+            h.update(os.fsencode(str(rel)) + b"\0" + file_sha256(path / rel).encode())
     return h.hexdigest()
 
 
@@ -135,15 +138,20 @@ def check_package_checksums(package: Path, sha: str, intent: Intent) -> None:
             raise PackageError(f"package MD5 is {md5}, expected {intent.md5}")
 
 
-def stage_package(package: Path, workdir: Path, limits: ArchiveLimits, intent: Intent, sha: str) -> Manifest:
-    """Unpack ``package`` safely into the empty ``workdir``, read its manifest and check every file
-    the manifest lists against its SHA-256. Blocking. Raises PackageError with the reason."""
+def stage_package(
+    package: Path, workdir: Path, limits: ArchiveLimits, intent: Intent, sha: str, trust: Trust | None = None
+) -> Manifest:
+    """Unpack ``package`` safely into the empty ``workdir``, check its signature against ``trust``
+    (signature.py), read its manifest and check every file the manifest lists against its SHA-256.
+    Blocking. Raises PackageError with the reason."""
     unpack_package(package, workdir, limits)
+    signer, signed_hashes = check_signature(workdir, trust or Trust())
     stem = package.name.split(".")[0] if package.is_file() else package.name
     manifest = read_manifest(workdir, intent.name or stem, intent.version or sha[:12])
-    hashes = package_file_hashes(workdir)
+    # A verified signature has just hashed every file: its digests are the ones checked.
+    hashes = signed_hashes or package_file_hashes(workdir)
     verify_files(workdir, manifest, hashes)
-    return dataclasses.replace(manifest, hashes=hashes)
+    return dataclasses.replace(manifest, hashes=hashes, signer=signer.to_record() if signer else None)
 
 
 def _file_md5(path: Path) -> str:

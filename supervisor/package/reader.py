@@ -55,6 +55,8 @@ class Manifest:
     # SHA-256 of every file of the unpacked package (relative path -> hex), computed once at staging
     # and kept in the install record: later steps and later loads reuse it instead of re-reading.
     hashes: Mapping[str, str] = field(default_factory=dict)
+    # Who signed the package (signature.py: key name, fingerprint, verified), None when unsigned.
+    signer: Mapping[str, Any] | None = None
 
 
 
@@ -119,6 +121,8 @@ def read_manifest(folder: Path, fallback_name: str | None = None, fallback_versi
             raw = json.loads(read_small_text(manifest_path, MAX_MANIFEST_BYTES, MANIFEST_NAME))
         except json.JSONDecodeError as exc:
             raise PackageError(f"model.json is not valid JSON: {exc}") from exc
+        except RecursionError:  # "[[[[…" a hundred thousand deep fits in 1 MB (found by the fuzzer)
+            raise PackageError("model.json nests too deep to be a manifest") from None
         if not isinstance(raw, dict):
             raise PackageError("model.json must hold a JSON object")
     try:

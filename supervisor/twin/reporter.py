@@ -69,6 +69,7 @@ def active_patch(event: ModelEvent) -> dict[str, Any]:
     """The active model (from an 'active' event), as a reported-properties patch."""
     patch: dict[str, Any] = {"ModelUpdate": {"ActiveModel": {
         "Name": event.name, "Version": event.version, "SHA256": event.model_sha256,
+        "Signer": event.signer,  # None (deleted) for an unsigned package
     }}}
     if event.package:  # the package the active model came from, when known
         patch["LatestAIModelFileName"] = event.package

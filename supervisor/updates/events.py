@@ -58,6 +58,7 @@ class ModelEvent:
     # Where the active model's files lie, relative to the data dir (for DLModelOutput).
     model_path: str | None = None
     labels_path: str | None = None
+    signer: str | None = None  # who signed the active model's package: "ops (sha256:…)"; None: unsigned
     at: float = field(default_factory=time.time)
     # Twin events: the desired $version they answer, and download progress.
     desired_version: int | None = None

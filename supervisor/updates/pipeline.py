@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from supervisor.errors import Conflict, ModelInvalid, NotFound
+from supervisor.diskspace import RESERVE_BYTES, is_disk_full
+from supervisor.errors import Conflict, ModelInvalid, NotFound, StartupError
 from supervisor.formats import ACTIVATED_MARKER, ACTIVATIONS_FILE, TMP_PREFIX
 from supervisor.fsutil import remove_tree
 from supervisor.package.archive import ArchiveLimits, unpack_package
@@ -34,14 +35,16 @@ from supervisor.package.indexed import CHUNKED_MIN_BYTES
 from supervisor.package.paths import public_reason
 from supervisor.package.reader import PackageError, read_manifest
 from supervisor.package.reasons import user_reason
+from supervisor.package.signature import Trust, TrustError
 from supervisor.serving.engine import Engine
 from supervisor.serving.loader import LoadedModel
 from supervisor.settings import Settings
 from supervisor.updates.events import EventBus, ModelEvent, State
 from supervisor.updates.history import ActivationHistory
 from supervisor.updates.late_sidecar import is_checksum_sidecar, judge_late_sidecar
-from supervisor.updates.quarantine import Quarantine
+from supervisor.updates.quarantine import Quarantine, tree_size
 from supervisor.updates.repository import InstalledVersion, Repository
+from supervisor.updates.space import SpaceWait
 
 __all__ = ["Pipeline"]
 
@@ -58,11 +61,17 @@ class Pipeline:
         self.repo = repo
         self.engine = engine
         self.events = events
-        self.quarantine = Quarantine(repo.quarantine_dir)
+        self.quarantine = Quarantine(repo.quarantine_dir, settings.quarantine_keep, settings.quarantine_max_bytes)
+        # Packages that met a full disk: tried again when space returns (space.py).
+        self.space_wait = SpaceWait(repo.data_dir, self.process)
         self.limits = ArchiveLimits(
             settings.max_package_files, settings.max_package_bytes, settings.max_compression_ratio
         )
         self.history = ActivationHistory(repo.data_dir / ACTIVATIONS_FILE)
+        try:
+            self.trust = Trust.load(settings.trusted_keys, settings.require_signature)
+        except TrustError as exc:
+            raise StartupError(str(exc)) from None
         self._lock = asyncio.Lock()
         self._rollback_task: asyncio.Task[None] | None = None
         engine.on_failure_streak = self._on_failure_streak
@@ -107,7 +116,8 @@ class Pipeline:
             return None
         stored = self.repo.get(model.info.name, model.info.version)
         record = stored.record if stored else {}
-        return self._active_event(model, "startup", record.get("package") or "", record.get("package_sha256"))
+        return self._active_event(model, "startup", record.get("package") or "", record.get("package_sha256"),
+                                  record.get("signer"))
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.engine.loader, fn, *args)
@@ -115,13 +125,16 @@ class Pipeline:
     def _emit(self, state: State, source: str, package: str, **fields: Any) -> None:
         self.events.publish(ModelEvent(state=state, source=source, package=package, **fields))
 
-    def _active_event(self, model: LoadedModel, source: str, package: str, sha: str | None = None) -> ModelEvent:
+    def _active_event(
+        self, model: LoadedModel, source: str, package: str, sha: str | None = None, signer: object = None
+    ) -> ModelEvent:
         info = model.info
         rel = info.path.relative_to(self.repo.data_dir)
         return ModelEvent(
             state="active", source=source, package=package, name=info.name, version=info.version,
             sha256=sha, model_sha256=info.model_sha256, model_path=str(rel / info.model_file),
             labels_path=str(rel / info.labels_file) if info.labels_file else None,
+            signer=signer_text(signer),
         )
 
     # -- start-up ----------------------------------------------------------------------------------
@@ -130,7 +143,10 @@ class Pipeline:
         """Repair the disk, then serve current, else the newest valid version, else the bundled default."""
         await self._blocking(self.repo.repair)
         current, previous = await self._blocking(lambda: (self.repo.current(), self.repo.previous()))
-        await self._blocking(self.history.seed, [v.key if v else None for v in (previous, current)])
+        try:
+            await self._blocking(self.history.seed, [v.key if v else None for v in (previous, current)])
+        except OSError as exc:  # a full disk must not keep the service from serving what it has
+            log.error("activation_history_not_written", error=str(exc))
         candidates = [current] if current else []
         stored = await self._blocking(self.repo.versions)
         candidates += [v for v in reversed(stored) if current is None or v.key != current.key]
@@ -196,10 +212,16 @@ class Pipeline:
                 sha = await self._blocking(package_sha256, package)
                 return await self._process_locked(package, name, sha, intent)
             except (PackageError, ModelInvalid, FileExistsError, OSError) as exc:
+                if is_disk_full(exc):
+                    await self._disk_full(package, source, name, sha, exc)
+                    return None
                 reason = str(exc) if not isinstance(exc, FileExistsError) else f"{exc}, with other content"
                 # The full text (a runtime's own error) for the log; the user gets the short one.
                 log.info("package_rejected_detail", package=name, detail=str(exc.__cause__ or exc))
             except Exception as exc:
+                if is_disk_full(exc):
+                    await self._disk_full(package, source, name, sha, exc)
+                    return None
                 # A bug of ours or a library's met on this package: quarantine it all the same, with
                 # the reason (visible in /models), rather than leave it in the folder unexplained.
                 log.exception("package_processing_error", package=name)
@@ -213,6 +235,21 @@ class Pipeline:
             await self._blocking(self.quarantine.add, package, reason, sha, sidecars(package))
             self._emit("rejected", source, name, sha256=sha, reason=reason)
             return None
+
+    async def _disk_full(self, package: Path, source: str, name: str, sha: str | None, exc: BaseException) -> None:
+        """The disk filled up (or would have): the device's condition, not the package's defect. The
+        package stays where it is, its hash is not remembered as bad, nothing is copied to quarantine,
+        and it is tried again when space returns (or dropped again, or after a restart)."""
+        needed = getattr(exc, "needed", None)
+        if needed is None:
+            needed = await self._blocking(tree_size, package) + RESERVE_BYTES  # about what unpacking takes
+        where = "staging/" if source in ("twin", "staging") else "inbox/"
+        detail = user_reason(str(exc), self.repo.data_dir) if getattr(exc, "needed", None) else "no space left"
+        reason = public_reason(f"the device's disk is full ({detail}); not the package's fault: it stays in "
+                               f"{where} and is tried again when space returns")
+        log.error("package_deferred_disk_full", package=name, detail=str(exc), needed=needed)
+        self._emit("failed", source, name, sha256=sha, reason=reason)
+        self.space_wait.add(package, source, needed)
 
     async def _late_sidecar(self, sidecar: Path, source: str) -> None:
         """A checksum sidecar whose package had already been taken (late_sidecar.py)."""
@@ -242,7 +279,7 @@ class Pipeline:
         self._emit("validating", source, name, sha256=sha)
         workdir = await self._blocking(self.repo.new_workdir)
         try:
-            manifest = await self._blocking(stage_package, package, workdir, self.limits, intent, sha)
+            manifest = await self._blocking(stage_package, package, workdir, self.limits, intent, sha, self.trust)
             # Load and warm up from the workdir: a model that fails never reaches models/.
             model = await self.engine.load(workdir, manifest)
         except BaseException:
@@ -250,7 +287,7 @@ class Pipeline:
             raise
         activate = manifest.activate if intent.activate is None else intent.activate
         record = {"package": name, "package_sha256": sha, "source": source, "activate": activate,
-                  **_model_record(model), "file_sha256": dict(manifest.hashes)}
+                  **_model_record(model), "file_sha256": dict(manifest.hashes), "signer": manifest.signer}
         try:
             version = await self._blocking(self.repo.install, workdir, manifest.name, manifest.version, record)
         except BaseException:
@@ -306,11 +343,20 @@ class Pipeline:
     ) -> None:
         # Flip first: a crash between the two leaves the version current (start-up serves it);
         # the other order would leave it marked but never active, and its package a "duplicate".
-        await self._blocking(self.repo.flip, version)
-        await self._blocking(_mark_activated, version.path)
-        await self._blocking(self.history.rolled_back_to if rollback else self.history.record, version.key)
+        try:
+            await self._blocking(self.repo.flip, version)
+        except BaseException:
+            await self._blocking(model.runtime.close)  # the old model serves on; this one is not used
+            raise
+        try:
+            await self._blocking(_mark_activated, version.path)
+            await self._blocking(self.history.rolled_back_to if rollback else self.history.record, version.key)
+        except OSError as exc:
+            # After the flip the disk says this version is current, so the engine must serve it too:
+            # a marker or a history entry a full disk refused costs a less precise rollback, no more.
+            log.error("activation_record_not_written", name=version.name, version=version.version, error=str(exc))
         await self.engine.swap(model)
-        self.events.publish(self._active_event(model, source, package, sha))
+        self.events.publish(self._active_event(model, source, package, sha, version.record.get("signer")))
 
     # -- activation of stored versions --------------------------------------------------------------
 
@@ -365,8 +411,10 @@ class Pipeline:
         )
 
     async def close(self) -> None:
-        """Stop what the pipeline started on its own (an automatic rollback under way): cancelled
-        and awaited, so that shutdown does not leave it half-done behind the engine's back."""
+        """Stop what the pipeline started on its own (an automatic rollback under way, the wait for
+        disk space): cancelled and awaited, so that shutdown does not leave it half-done behind the
+        engine's back."""
+        await self.space_wait.close()
         task = self._rollback_task
         if task is not None:
             task.cancel()
@@ -379,6 +427,15 @@ class Pipeline:
             log.error("auto_rollback_failed", reason=str(exc))
         finally:
             self._rollback_task = None
+
+
+def signer_text(record: object) -> str | None:
+    """An install record's signer as one line for events and the twin: "ops (sha256:…)"."""
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+        return None
+    name = record.get("key") or "unknown key"
+    text = f"{name} (sha256:{record['fingerprint'][:16]})"
+    return text if record.get("verified") else f"{text}, not verified"
 
 
 def _model_record(model: LoadedModel) -> dict[str, Any]:

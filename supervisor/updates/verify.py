@@ -11,6 +11,7 @@ from pathlib import Path
 from supervisor.package.archive import ArchiveLimits
 from supervisor.package.checks import Intent, check_package_checksums, package_sha256, read_intent, stage_package
 from supervisor.package.reader import Manifest, PackageError
+from supervisor.package.signature import Trust
 from supervisor.serving.loader import LoadedModel, load_and_warm
 from supervisor.settings import Settings
 
@@ -27,7 +28,9 @@ class Validated:
     model: LoadedModel
 
 
-def validate_package(package: Path, workdir: Path, settings: Settings, source: str = "cli") -> Validated:
+def validate_package(
+    package: Path, workdir: Path, settings: Settings, source: str = "cli", trust: Trust | None = None
+) -> Validated:
     """Every check the pipeline makes before a package may become active, without a repository:
     checksums, archive safety, manifest, per-file hashes, model load, handler, labels, warm-up.
     Blocking (``edgeloader verify``). The caller owns ``workdir`` and closes ``model.runtime``."""
@@ -37,7 +40,9 @@ def validate_package(package: Path, workdir: Path, settings: Settings, source: s
     sha = package_sha256(package)
     check_package_checksums(package, sha, intent)
     limits = ArchiveLimits(settings.max_package_files, settings.max_package_bytes, settings.max_compression_ratio)
-    manifest = stage_package(package, workdir, limits, intent, sha)
+    if trust is None:
+        trust = Trust.load(settings.trusted_keys, settings.require_signature)
+    manifest = stage_package(package, workdir, limits, intent, sha, trust)
     model = load_and_warm(workdir, settings.score_threshold, settings.runtime_threads or 1, manifest)
     return Validated(sha, intent, manifest, model)
 
