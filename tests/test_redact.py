@@ -103,3 +103,33 @@ async def test_download_failures_log_and_report_no_sas(tmp_path: Path, blob_stor
         await Download(bad_host, tmp_path / "m.zip.part", retries=1, backoff_base=0.01).run()
     assert "sig=" not in err2.value.reason
     assert logs + more and "sig=" not in json.dumps(logs + more, default=str)
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_the_service_logging_set_up_redacts_every_line(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``configure_logging``, as ``edgeloader serve`` calls it: a structlog event, a stdlib record from
+    a library (the IoT SDK, aiohttp) and a traceback, each naming a SAS URL, reach stdout redacted."""
+    from supervisor.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(fmt, "info")
+        log = structlog.get_logger("supervisor.test_redact")
+        log.warning("download_failed", url=URL, reason=f"GET {URL} timed out")
+        logging.getLogger("azure.iot.device.test").warning("connect failed: %s", URL)
+        try:
+            raise ConnectionError(f"cannot reach {URL}")
+        except ConnectionError:
+            log.exception("download_crashed")
+        out = capsys.readouterr().out
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        structlog.reset_defaults()
+    assert "download_failed" in out and "connect failed" in out and "cannot reach" in out
+    assert "sig=" not in out and "AbC" not in out
+    assert out.count(REDACTED) >= 4
+    if fmt == "json":
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert lines[0]["url"] == "https://acct.blob.core.windows.net/models/ssd-1.2.zip?REDACTED"
