@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import zipfile
 from pathlib import Path
 
@@ -165,3 +166,48 @@ def test_a_bare_model_file_is_taken_as_is(tmp_path: Path) -> None:
     dest.mkdir()
     unpack_package(src, dest, LIMITS)
     assert (dest / "detector.onnx").read_bytes() == b"model bytes"
+
+
+def test_a_folder_package_is_refused_one_byte_over_the_size_limit(tmp_path: Path) -> None:
+    files = {"model.onnx": os.urandom(600_000), "labels.txt": b"a\n" * 200_000}
+    total = sum(len(d) for d in files.values())
+    src = write_folder(tmp_path / "pkg", files)
+    for limit, ok in ((total, True), (total - 1, False)):
+        dest = tmp_path / f"out-{limit}"
+        dest.mkdir()
+        limits = ArchiveLimits(max_files=16, max_bytes=limit, max_ratio=200.0)
+        if ok:
+            unpack_package(src, dest, limits)
+            assert sum(p.stat().st_size for p in dest.iterdir()) == total
+        else:
+            with pytest.raises(PackageError, match=f"holds more than {limit} bytes; the limit is {limit}"):
+                unpack_package(src, dest, limits)
+            assert list(dest.iterdir()) == [], "nothing is copied from a package that is refused"
+
+
+def understated(data: bytes, declared: int, method: int) -> bytes:
+    """A zip of one entry whose headers (local and central) say it unpacks to ``declared`` bytes."""
+    raw = bytearray(zip_of({"model.onnx": data}, method))
+    local, central = raw.index(b"PK\x03\x04"), raw.index(b"PK\x01\x02")
+    struct.pack_into("<I", raw, local + 22, declared)
+    struct.pack_into("<I", raw, central + 24, declared)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+def test_a_zip_whose_headers_understate_its_size_writes_no_more_than_they_say(tmp_path: Path, method: int) -> None:
+    """5 MB of content under headers that say 1,000 bytes, with a 1 MB limit. The declared sizes pass
+    the limit and the ratio check; Python's zipfile never yields more than the declared size of an entry
+    (and then finds the CRC of the whole content wrong), so the package is refused as corrupt and at
+    most the declared bytes were ever written. (The unpacker also counts the bytes it really writes
+    against the limits; with this reader that count cannot pass them: docs/testing.md.)"""
+    limits = ArchiveLimits(max_files=16, max_bytes=1_000_000, max_ratio=200.0)
+    package = tmp_path / "p.zip"
+    package.write_bytes(understated(bytes(5_000_000), 1000, method))
+    with zipfile.ZipFile(package) as zf:
+        assert [i.file_size for i in zf.infolist()] == [1000]  # what the reader believes
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(PackageError, match=r"model\.onnx' is corrupt"):
+        unpack_package(package, dest, limits)
+    assert sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) <= 1000

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from packages import last, ssd_files, states, write_zip, zip_bytes
+from packages import last, ssd_files, states, write_folder, write_zip, zip_bytes
 
 from supervisor.app import build_app
 from supervisor.http.keys import PIPELINE
@@ -347,3 +347,82 @@ async def test_relative_folders_are_watched(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class SizeRecorder(Recorder):
+    """Also records the size of each file as it is handed over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    async def process(self, package: Path, source: str) -> None:
+        self.sizes.append(package.stat().st_size)
+        await super().process(package, source)
+
+
+async def test_a_file_that_keeps_growing_is_not_handed_over_until_it_stops(
+    settings: Settings, start_watcher: StartWatcher, write_soon: WriteSoon, wait_until: WaitUntil, tmp_path: Path,
+) -> None:
+    """A copy whose writes the OS does not report (a network share; here a file written through another
+    name, a hard link outside the inbox): after the one notification of its arrival, only the settle
+    wait itself can see it grow (size, mtime), and it must wait again until it stops. A bare model
+    file, so that no zip end marker helps."""
+    recorder = SizeRecorder()
+    await start_watcher(recorder, settle_seconds=0.25)
+    outside = tmp_path / "copying.onnx"
+    outside.write_bytes(b"\0")
+    os.link(outside, settings.inbox_dir / "detector.onnx")
+    data = os.urandom(400_000)
+    writer = write_soon(outside, data, seconds=2.0, chunks=40)  # a write every 50 ms
+    await wait_until(lambda: recorder.calls, within=10, what="the file to be handed over")
+    assert recorder.sizes == [len(data)], "handed over while it was still being written"
+    assert not writer.is_alive()
+
+
+@pytest.mark.parametrize("target", ["zip", "folder", "dangling"])
+async def test_a_symlink_dropped_as_a_package_is_quarantined(
+    pipeline: Pipeline, settings: Settings, events: EventBus, engine: Engine, start_watcher: StartWatcher,
+    wait_until: WaitUntil, tmp_path: Path, target: str,
+) -> None:
+    """A package is the file or folder itself: a symlink (to a zip, to a folder, or to nothing at all)
+    could bring in anything the service can read. It is quarantined, not followed, and what it points
+    at is left alone."""
+    elsewhere = tmp_path / "elsewhere"
+    if target == "zip":
+        pointed = write_zip(elsewhere / "m.zip", ssd_files("tiny-ssd", "9"))
+    elif target == "folder":
+        pointed = write_folder(elsewhere / "pkg", ssd_files("tiny-ssd", "9"))
+    else:
+        pointed = elsewhere / "gone.zip"
+    before = sorted(p.relative_to(tmp_path) for p in elsewhere.rglob("*")) if elsewhere.exists() else []
+    await start_watcher(pipeline)
+    link = settings.inbox_dir / "m.zip"
+    os.symlink(pointed, link)
+    rejected = await wait_until(lambda: last(events, "rejected"), within=5, what="the symlink to be rejected")
+    assert rejected.package == "m.zip" and "symlink" in (rejected.reason or "")
+    assert active_events(events) == [] and engine.active is not None
+    assert engine.active.info.name == "blazeface-short-range"
+    assert not os.path.lexists(link), "the symlink is still in the inbox"
+    [entry] = pipeline.quarantine.entries()
+    kept = settings.quarantine_dir / entry["entry"] / "m.zip"
+    assert kept.is_symlink() and os.readlink(kept) == str(pointed)  # the link itself, as dropped
+    after = sorted(p.relative_to(tmp_path) for p in elsewhere.rglob("*")) if elsewhere.exists() else []
+    assert after == before, "what the symlink points at was touched"
+
+
+async def test_a_folder_package_over_max_package_bytes_is_quarantined(
+    settings: Settings, repo: Repository, engine: Engine, events: EventBus, start_watcher: StartWatcher,
+    wait_until: WaitUntil, tmp_path: Path,
+) -> None:
+    files = ssd_files("tiny-ssd", "10", extra_files={"padding.bin": os.urandom(300_000)})
+    total = sum(len(d) for d in files.values())
+    pipeline = Pipeline(settings.replace(max_package_bytes=total - 1), repo, engine, events)
+    await pipeline.start()
+    await start_watcher(pipeline)
+    staged = write_folder(tmp_path / "pkg", files)
+    os.rename(staged, settings.inbox_dir / "big")  # dropped whole
+    rejected = await wait_until(lambda: last(events, "rejected"), within=5, what="the folder to be rejected")
+    assert rejected.package == "big"
+    assert rejected.reason == f"package folder holds more than {total - 1} bytes; the limit is {total - 1}"
+    assert active_events(events) == [] and repo.get("tiny-ssd", "10") is None
