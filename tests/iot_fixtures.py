@@ -467,6 +467,12 @@ class HubSimulator:
         self._client.publish(f"$iothub/twin/PATCH/properties/desired/?$version={version}", body, qos=0)
         return version
 
+    def notify_desired(self, patch: dict[str, Any], version: int) -> None:
+        """Send a desired-patch notification carrying ``version`` without changing the twin: a late or
+        repeated notification (QoS 0 over a reconnect), as the module may receive from IoT Hub."""
+        body = json.dumps({**patch, "$version": version})
+        self._client.publish(f"$iothub/twin/PATCH/properties/desired/?$version={version}", body, qos=0)
+
     def reported_copy(self) -> dict[str, Any]:
         with self._lock:
             return copy.deepcopy(self.reported)

@@ -356,6 +356,44 @@ async def test_duplicate_desired_downloads_nothing(rig: Rig, blob_proxy: FaultPr
     assert blob_proxy.connections == connections
 
 
+async def test_a_desired_patch_not_newer_than_the_applied_one_is_ignored(rig: Rig, blob_proxy: FaultProxy) -> None:
+    """A notification whose $version is older than, or equal to, the one applied (late, or repeated over
+    a reconnect) is ignored: no download, no report, not even a read of the twin."""
+    version = rig.sim.set_desired(rig.desired_for("m-1.zip", package_bytes(100 * KiB, "1"), via=blob_proxy))
+    await rig.sim.wait_status("active", version)
+    other = rig.desired_for("m-2.zip", package_bytes(100 * KiB, "2"), via=blob_proxy)
+    gets, reports, connections = rig.sim.twin_gets, len(rig.sim.reported_patches), blob_proxy.connections
+    for stale in (version - 1, version):
+        rig.sim.notify_desired(other, stale)
+    await asyncio.sleep(1.0)  # two of the module's retry intervals: an answer would be out by now
+    assert rig.sim.twin_gets == gets, "a stale notification made the module read its twin"
+    assert len(rig.sim.reported_patches) == reports and blob_proxy.connections == connections
+    assert rig.pipeline.received == ["m-1.zip"]
+    newer = rig.sim.set_desired(other)  # the same properties as a newer version: taken
+    status = await rig.sim.wait_status("active", newer)
+    assert status["FileName"] == "m-2.zip"
+
+
+async def test_a_twin_read_not_newer_than_the_applied_one_changes_nothing(rig: Rig, blob_proxy: FaultProxy) -> None:
+    """After a reconnect the module reads its twin again; the same $version it applied is no new request.
+    An MD5-only request shows it best: applied again, it would be downloaded again (only the bytes tell
+    whether that package is installed), and its status reported again."""
+    desired = rig.desired_for("md5-1.zip", package_bytes(100 * KiB, "md5"), via=blob_proxy)
+    del desired["ContentSHA256"]
+    version = rig.sim.set_desired(desired)
+    await rig.sim.wait_status("active", version)
+    gets, reports, connections = rig.sim.twin_gets, len(rig.sim.reported_patches), blob_proxy.connections
+    rig.hub.proxy.offline()
+    await eventually(lambda: rig.service.hub is not None and not rig.service.hub.connected, 10, "the disconnect")
+    rig.hub.proxy.online()
+    await eventually(lambda: rig.sim.twin_gets > gets, 20, "the twin read after the reconnect")
+    await asyncio.sleep(1.0)  # a download and a report would have started by now
+    assert blob_proxy.connections == connections, "the package was downloaded again"
+    again = [p for _, p in rig.sim.reported_patches[reports:] if "ModelUpdate" in p]
+    assert again == [], f"the applied version was reported again: {again}"
+    assert rig.pipeline.received == ["md5-1.zip"] and rig.sim.status()["DesiredVersion"] == version
+
+
 async def test_newer_desired_supersedes_a_running_download(rig: Rig, blob_proxy: FaultProxy) -> None:
     slow = package_bytes(2 * 1024 * KiB, "slow")
     blob_proxy.throttle(256 * KiB)  # about 8 s for the whole package
