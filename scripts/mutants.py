@@ -442,7 +442,9 @@ def run_tests(tree: Tree, tests: list[str], timeout: float, trace: list[Path] | 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGELOADER_", "PYTEST_ADDOPTS"))}
     env.update(PYTHONPATH=os.pathsep.join([str(tree.repo), str(tree.repo / "scripts")]),
                PYTHONDONTWRITEBYTECODE="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
-    args = ["-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rfEs", *PLUGINS]
+    # Its own temporary root: no numbered folders shared with other pytest sessions on the machine.
+    args = ["-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rfEs", f"--basetemp={tree.path / 'tmp'}",
+            *PLUGINS]
     if trace:
         env.update(MUTANTS_TRACE_FILES=os.pathsep.join(map(str, trace)), MUTANTS_TRACE_OUT=str(trace_out))
         args += ["-p", "_mutants_trace"]
@@ -458,7 +460,9 @@ def run_tests(tree: Tree, tests: list[str], timeout: float, trace: list[Path] | 
     if code == 0:
         skipped = re.search(r"(\d+) skipped", summary)
         return "survived", seconds, f"{skipped.group(1)} skipped" if skipped else ""
-    if code in (1, 2):  # a test failed; or the tests could not even be collected (an import broke)
+    # A test failed, or the tests could not even be collected (an import broke). (A failed test may leave
+    # something unclosed that pytest then reports as an error of its own, with another exit code.)
+    if code in (1, 2) or failed:
         return "killed", seconds, (failed or summary)[:200]
     return "error", seconds, (failed or summary)[:200]  # pytest's internal error, usage error, nothing collected
 
