@@ -3,8 +3,9 @@
 Loaded with ``-p _mutants_trace`` (scripts/ on PYTHONPATH) in the unmutated run. ``MUTANTS_TRACE_FILES``
 names the modules (absolute paths, ``os.pathsep``-separated); ``MUTANTS_TRACE_OUT`` is where the result
 goes: ``{"lines": {file: {line: [test ids]}}, "seconds": {test id: duration}}``. Lines run while no test
-is running (at import, during collection) are credited to ``"*"``: every test. Threads started after
-the session starts (worker pools, ``asyncio.to_thread``) are traced too.
+is running (at import, during collection) are credited to ``"*"``: every test. Tracing starts when
+pytest imports this plugin, before any conftest.py; threads started after that (worker pools,
+``asyncio.to_thread``) are traced too.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def _global(frame: FrameType, _event: str, _arg: Any) -> Any:
     return None
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    sys.settrace(_global)
-    threading.settrace(_global)
+# From this plugin's import on (before conftest.py imports the modules): their import-time lines count.
+sys.settrace(_global)
+threading.settrace(_global)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -657,7 +657,9 @@ class BlobServer:
 
     - ``honour_range = False``: every GET is a plain 200 with the whole body (a server without ranges);
     - ``honour_conditions = False``: ``If-Match`` and ``If-Range`` are ignored;
-    - ``chunked = True``: bodies go out chunked, without a Content-Length.
+    - ``chunked = True``: bodies go out chunked, without a Content-Length;
+    - ``wrong_range = True``: a range request gets a 206 of the whole blob, saying so (``bytes 0-...``);
+    - ``statuses``: statuses to answer the next requests with, bodiless, before serving again.
 
     Every request is recorded (``requests``: path and headers) as the server saw it, then passed to
     ``on_request`` (if set) before it is answered.
@@ -669,6 +671,8 @@ class BlobServer:
         self.honour_range = True
         self.honour_conditions = True
         self.chunked = False
+        self.wrong_range = False
+        self.statuses: list[int] = []
         self.on_request: Callable[[SeenRequest], None] | None = None
         self._runner: web.AppRunner | None = None
         self.host = "127.0.0.1"
@@ -704,6 +708,8 @@ class BlobServer:
         self.requests.append(seen)
         if self.on_request is not None:
             self.on_request(seen)
+        if self.statuses:
+            return web.Response(status=self.statuses.pop(0))
         blob = self.blobs.get(name)
         if blob is None:
             return web.Response(status=404)
@@ -716,7 +722,7 @@ class BlobServer:
             ranged = False  # changed since: the whole new body
         if ranged:
             first = request.headers["Range"].removeprefix("bytes=").split("-", 1)[0]
-            start = int(first)
+            start = 0 if self.wrong_range else int(first)
             if start >= len(data):
                 return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
         headers = {"ETag": etag, "Accept-Ranges": "bytes" if self.honour_range else "none"}

@@ -56,6 +56,25 @@ def test_processor_redacts_values_anywhere() -> None:
     assert json.loads(out)["count"] == 7
 
 
+def test_nesting_and_odd_values_never_let_a_secret_through() -> None:
+    deep: object = {"url": URL}
+    for _ in range(10):
+        deep = {"next": [deep]}
+    shallow = {"a": {"b": [URL, 3, None]}}
+    event = redact_processor(None, "info", {"event": "e", "deep": deep, "shallow": shallow})
+    assert "sig=" not in json.dumps(event, default=str)
+    assert event["shallow"] == {"a": {"b": [f"{URL.split('?')[0]}?{REDACTED}", 3, None]}}  # structure kept
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    odd = Unprintable()
+    assert redact_processor(None, "info", {"event": "e", "odd": odd})["odd"] is odd  # passed through
+    # A URL that does not even parse (an unclosed IPv6 bracket) is still redacted as text.
+    assert redact_url("https://[::1/models/m.zip?sv=1&sig=AbC%3D") == f"https://[::1/models/m.zip?{REDACTED}"
+
+
 def test_processor_redacts_tracebacks() -> None:
     try:
         raise RuntimeError(f"request to {URL} failed")

@@ -180,3 +180,72 @@ async def test_a_blob_that_keeps_changing_is_given_up_on(
     with pytest.raises(DownloadError, match="gave up") as err:
         await asyncio.wait_for(download.run(), 15)  # a guard: without a bound this never ends
     assert not err.value.permanent and download.attempts <= 10
+
+
+async def test_a_kept_part_with_junk_at_its_end_is_fetched_again(
+    tmp_path: Path, blob_server: BlobServer, blob_server_proxy: FaultProxy,
+) -> None:
+    """A power cut can leave junk at the end of a kept .part (pages written, size updated, data lost).
+    The resumed file fails its SHA-256: it is fetched once more, whole, and the result is right."""
+    data = blob_bytes(512 * KiB, "junk")
+    sha = hashlib.sha256(data).hexdigest()
+    blob_server.put("m.zip", data)
+    part = tmp_path / "m.zip.part"
+    blob_server_proxy.throttle(256 * KiB)
+    first = Download(blob_server.url("m.zip", via=blob_server_proxy), part, sha256=sha, **fast())
+    task = asyncio.create_task(first.run())
+    await eventually(lambda: first.bytes_done > 64 * KiB, 10, "part of the blob")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    kept = part.stat().st_size
+    with part.open("r+b") as f:  # the last 4 KiB of what was kept: zeros, as after a power cut
+        f.seek(kept - 4096)
+        f.write(bytes(4096))
+    blob_server_proxy.throttle(None)
+    second = Download(blob_server.url("m.zip", via=blob_server_proxy), part, sha256=sha, **fast())
+    result = await second.run()
+    assert result.path.read_bytes() == data
+    assert second.resumed_bytes == 0  # counted afresh after the retry
+    assert second.bytes_fetched == (len(data) - kept) + len(data)  # the rest, then all of it again
+
+
+async def test_a_busy_server_is_retried_and_a_refusal_is_final(tmp_path: Path, blob_server: BlobServer) -> None:
+    data = blob_bytes(100 * KiB, "busy")
+    blob_server.put("m.zip", data)
+    blob_server.statuses = [503, 429]
+    result = await Download(blob_server.url("m.zip"), tmp_path / "a.part", **fast()).run()
+    assert result.path.read_bytes() == data and result.attempts == 3
+    blob_server.statuses = [400]
+    refused = Download(blob_server.url("m.zip"), tmp_path / "b.part", **fast())
+    with pytest.raises(DownloadError, match="unexpected HTTP 400") as err:
+        await refused.run()
+    assert err.value.permanent and refused.attempts == 1
+
+
+async def test_a_206_of_another_range_is_not_appended(
+    tmp_path: Path, blob_server: BlobServer, blob_server_proxy: FaultProxy,
+) -> None:
+    """A broken server answers ``Range: bytes=N-`` with a 206 of the whole blob (and says so): those
+    bytes are not the rest. The download retries, a bounded number of times, and never splices them."""
+    data = blob_bytes(512 * KiB, "range")
+    blob_server.put("m.zip", data)
+    download = Download(blob_server.url("m.zip", via=blob_server_proxy), tmp_path / "m.zip.part", **fast(retries=2))
+    task, kept = await cut_then_resume(download, blob_server_proxy, 200 * KiB)
+    blob_server.wrong_range = True
+    blob_server_proxy.online()
+    with pytest.raises(DownloadError, match="server answered a different range"):
+        await task
+    assert download.bytes_fetched == kept  # nothing of the wrong range was taken
+
+
+async def test_a_body_longer_than_the_desired_length_is_cut_off(tmp_path: Path, blob_server: BlobServer) -> None:
+    """The desired ContentLength is 100 KiB; the blob, sent without a length, is 4 MiB: the download stops
+    as soon as the body passes the length, instead of filling the disk and checking afterwards."""
+    blob_server.chunked = True
+    blob_server.put("m.zip", blob_bytes(4 * 1024 * KiB, "long"))
+    download = Download(blob_server.url("m.zip"), tmp_path / "m.zip.part", expected_length=100 * KiB, **fast())
+    with pytest.raises(DownloadError, match="server sent more than the 102400 bytes") as err:
+        await download.run()
+    assert err.value.permanent
+    assert download.bytes_fetched < 1024 * KiB

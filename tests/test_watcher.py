@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from packages import last, ssd_files, states, write_folder, write_zip, zip_bytes
+from waiting import eventually
 
 from supervisor.app import build_app
 from supervisor.http.keys import PIPELINE
@@ -426,3 +427,88 @@ async def test_a_folder_package_over_max_package_bytes_is_quarantined(
     assert rejected.package == "big"
     assert rejected.reason == f"package folder holds more than {total - 1} bytes; the limit is {total - 1}"
     assert active_events(events) == [] and repo.get("tiny-ssd", "10") is None
+
+
+async def test_the_inbox_removed_and_created_again_is_watched_again(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    """The inbox on a USB stick that is unplugged and plugged back: the folder goes away and comes back.
+    The watcher lives through it, and the slow rescan finds what is dropped after (the OS watch on the
+    old folder is gone)."""
+    recorder = Recorder()
+    await start_watcher(recorder, rescan_seconds=0.3)
+    settings.inbox_dir.rmdir()
+    await asyncio.sleep(1.0)  # rescans meet a missing folder
+    settings.inbox_dir.mkdir()
+    (settings.inbox_dir / "back.zip").write_bytes(zip_bytes({"a": b"x"}))
+    await wait_until(lambda: recorder.calls, within=10, what="the package dropped after the folder came back")
+    assert recorder.calls == [("back.zip", "inbox")]
+
+
+async def test_a_folder_package_with_a_temp_file_in_a_subfolder_waits(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    recorder = Recorder()
+    await start_watcher(recorder)
+    folder = write_folder(settings.inbox_dir / "pkg", {"model.json": b"{}", "weights/model.onnx.part": b"m"})
+    await asyncio.sleep(settings.settle_seconds * 4)
+    assert recorder.calls == [], "handed over with a file still being copied in a subfolder"
+    os.rename(folder / "weights" / "model.onnx.part", folder / "weights" / "model.onnx")
+    await wait_until(lambda: recorder.calls, within=5, what="the folder once its copy is complete")
+
+
+async def test_stopping_the_watcher_ends_its_settle_timers(settings: Settings, repo: Repository) -> None:
+    watcher = PackageWatcher(Recorder(), settings.inbox_dir, settings.staging_dir, settle_seconds=30.0)
+    task = asyncio.create_task(watcher.run())
+    (settings.inbox_dir / "waiting.zip").write_bytes(zip_bytes({"a": b"x"}))
+    settling = await eventually(lambda: [t for t in asyncio.all_tasks() if t.get_name() == "settle:waiting.zip"],
+                                5, "the package's settle timer")
+    task.cancel()
+    # Stopped at once, not after the 30 s settle wait (a service shutdown is bounded by IoT Edge).
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert task in done and task.cancelled(), "the watcher waited for its settle timers to run out"
+    assert all(t.done() for t in settling), "a settle timer outlived the watcher"
+
+
+@pytest.mark.parametrize("error", [OSError, RuntimeError])
+async def test_a_package_that_cannot_be_looked_at_is_still_handed_over(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil, monkeypatch: pytest.MonkeyPatch,
+    error: type[Exception],
+) -> None:
+    """Whatever goes wrong while looking at a package, it is not left lying there unexplained: an
+    unreadable one (OSError: the copier may still be setting permissions) is waited for like an
+    incomplete copy, then handed over; a bug of ours (anything else) hands it over at once. The pipeline
+    says what is wrong with it. (As root, no file can be made unreadable: the check is scripted to fail.)"""
+    import supervisor.updates.watcher as watcher_module
+
+    def failing(_path: Path) -> bool:
+        raise error("cannot look")
+
+    monkeypatch.setattr(watcher_module, "is_complete_zip", failing)
+    recorder = Recorder()
+    await start_watcher(recorder, incomplete_timeout=1.0)
+    started = time.monotonic()
+    (settings.inbox_dir / "odd.zip").write_bytes(zip_bytes({"a": b"x"}))
+    await wait_until(lambda: recorder.calls, within=6, what="the package to be handed over")
+    waited = time.monotonic() - started
+    if error is OSError:
+        assert waited >= 1.0, "an unreadable package is waited for like an incomplete copy"
+    else:
+        assert waited < 1.0
+    assert recorder.calls == [("odd.zip", "inbox")]
+
+
+async def test_a_bug_while_settling_still_hands_the_package_over(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import supervisor.updates.watcher as watcher_module
+
+    def broken(_path: Path, _snap: object) -> bool:
+        raise RuntimeError("a bug in the committed-download check")
+
+    monkeypatch.setattr(watcher_module, "_is_committed", broken)
+    recorder = Recorder()
+    await start_watcher(recorder)
+    (settings.staging_dir / "m.zip").write_bytes(zip_bytes({"a": b"x"}))
+    await wait_until(lambda: recorder.calls, within=5, what="the package, despite the failing check")
+    assert recorder.calls == [("m.zip", "staging")]
