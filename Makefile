@@ -13,12 +13,13 @@ DATA_DIR ?= ./var
 RUN_STAMP = $(VENV)/.installed-run
 STAMP = $(VENV)/.installed-dev
 
-.PHONY: help setup setup-dev run test lint typecheck pytest bench clean clean-data services
+.PHONY: help setup setup-dev run test lint typecheck pytest bench mutants clean clean-data services
 
 help:
 	@echo "make run [PORT=8080]   set up (runtime dependencies only) and serve the bundled default model (data in $(DATA_DIR))"
 	@echo "make test              set up, then ruff, mypy and pytest (installs mosquitto, Azurite, chromium, podman for the tests)"
 	@echo "make bench             benchmarks (prints a table, writes bench/results.json)"
+	@echo "make mutants           mutation testing of the safety-critical modules (long; see docs/testing.md)"
 	@echo "make image|push|deployment|lint   ship it as an IoT Edge module (see docs/deployment.md)"
 	@echo "make image-test[-arm64]  build the image from a debootstrapped base and run it (arm64: QEMU, ~10 min)"
 	@echo "make clean             remove the venv, test tools and build output (keeps $(DATA_DIR), the model repository)"
@@ -46,7 +47,7 @@ services:
 	bash scripts/install-test-services.sh
 
 lint: $(STAMP) lint-docker
-	$(BIN)/ruff check supervisor handlers tests bench
+	$(BIN)/ruff check supervisor handlers tests bench scripts
 	$(BIN)/mypy
 
 typecheck: $(STAMP)
@@ -56,12 +57,17 @@ pytest: $(STAMP) services
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test: $(STAMP) services
-	$(BIN)/ruff check supervisor handlers tests bench
+	$(BIN)/ruff check supervisor handlers tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# Not part of `make test`: it breaks the code on purpose, over a thousand times (about 1.5 h on 2 shared
+# cores). MUTANTS_ARGS passes options, e.g. MUTANTS_ARGS="--module supervisor/fsutil.py --jobs 2".
+mutants: $(STAMP) services
+	$(PY) scripts/mutants.py $(MUTANTS_ARGS)
 
 # The model repository ($(DATA_DIR)) holds what operators installed: only clean-data removes it.
 clean:

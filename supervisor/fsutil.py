@@ -7,7 +7,7 @@ import stat
 import uuid
 from pathlib import Path
 
-__all__ = ["fsync_dir", "remove_tree", "write_durably"]
+__all__ = ["fsync_dir", "fsync_tree", "remove_tree", "write_durably"]
 
 
 def write_durably(path: Path, text: str) -> None:
@@ -25,6 +25,23 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every regular file and folder under ``path``, ``path`` last: before a rename publishes a
+    folder, what it holds must be on disk (written files are not, until their pages are flushed, and a
+    power cut after the rename would leave a complete-looking folder of empty files). Symlinks are
+    neither followed nor synced."""
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            file = os.path.join(root, name)
+            if os.path.isfile(file) and not os.path.islink(file):
+                fd = os.open(file, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(Path(root))
 
 
 def remove_tree(path: Path) -> None:

@@ -10,15 +10,9 @@ from typing import Any
 
 import structlog
 
+from supervisor.redact import redact_processor
+
 __all__ = ["configure_logging"]
-
-
-def _redact_processor() -> Any:
-    try:
-        from supervisor.redact import redact_processor
-    except ImportError:  # the redaction module is optional until the twin service ships it
-        return None
-    return redact_processor
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
@@ -28,10 +22,10 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Last before rendering, for structlog events and stdlib records (aiohttp, azure.iot.device)
+        # alike: no SAS signature or access key reaches a log line.
+        redact_processor,
     ]
-    redact = _redact_processor()
-    if redact is not None:
-        shared.append(redact)
     renderer: Any = (
         structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=False)
     )

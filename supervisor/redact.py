@@ -27,6 +27,8 @@ _SECRET_PAIR = re.compile(
     r"\b(sig|SharedAccessKey|SharedAccessSignature|AccountKey)(=|%3D)[^\s\"'<>&;,]*", re.IGNORECASE
 )
 _HINTS = ("sig=", "sig%3d", "sharedaccess", "accountkey")
+# Containers nested deeper than this are scrubbed as text rather than item by item.
+_MAX_DEPTH = 6
 
 
 def redact(text: str) -> str:
@@ -55,13 +57,13 @@ def _scrub(value: Any, depth: int = 0) -> Any:
         return value
     if isinstance(value, str):
         return redact(value)
-    if depth > 6:
-        return value
-    if isinstance(value, Mapping):
-        return {k: _scrub(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return type(value)(_scrub(v, depth + 1) for v in value)
-    # Objects (yarl.URL, exceptions, paths): keep them unless their text holds a secret.
+    if depth <= _MAX_DEPTH:
+        if isinstance(value, Mapping):
+            return {k: _scrub(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return type(value)(_scrub(v, depth + 1) for v in value)
+    # Objects (yarl.URL, exceptions, paths), and containers nested deeper than _MAX_DEPTH: kept unless
+    # their text holds a secret, then replaced by that text redacted (a secret never passes for depth).
     try:
         text = str(value)
     except Exception:

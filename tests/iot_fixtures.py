@@ -6,6 +6,8 @@
   ``HubSimulator`` that answers the module's twin topics through a plain listener via paho.
 - ``azurite`` / ``blob_store``: the official Azure Blob emulator and real SAS URLs.
 - ``FaultProxy``: a TCP proxy that can cut after K bytes, stall, throttle, refuse or go offline.
+- ``blob_server``: a small HTTP blob server of our own (aiohttp) for the answers Azurite never gives:
+  a server that ignores ``Range`` or conditional headers, a reused ETag, a body without a length.
 
 Tests that need mosquitto or Azurite skip when a tool is missing, but fail when env ``CI`` is set.
 Install both with ``scripts/install-test-services.sh``.
@@ -27,13 +29,14 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pytest
+from aiohttp import web
 from waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -464,6 +467,12 @@ class HubSimulator:
         self._client.publish(f"$iothub/twin/PATCH/properties/desired/?$version={version}", body, qos=0)
         return version
 
+    def notify_desired(self, patch: dict[str, Any], version: int) -> None:
+        """Send a desired-patch notification carrying ``version`` without changing the twin: a late or
+        repeated notification (QoS 0 over a reconnect), as the module may receive from IoT Hub."""
+        body = json.dumps({**patch, "$version": version})
+        self._client.publish(f"$iothub/twin/PATCH/properties/desired/?$version={version}", body, qos=0)
+
     def reported_copy(self) -> dict[str, Any]:
         with self._lock:
             return copy.deepcopy(self.reported)
@@ -624,4 +633,128 @@ def blob_store(azurite: Azurite) -> BlobStore:
 @pytest.fixture
 def blob_proxy(azurite: Azurite) -> Iterator[FaultProxy]:
     with fault_proxy(azurite.host, azurite.port) as proxy:
+        yield proxy
+
+
+# ------------------------------------------------------------------------------------- blob server
+@dataclass
+class SeenRequest:
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class Blob:
+    data: bytes
+    etag: str
+
+
+class BlobServer:
+    """HTTP blobs on loopback, served by aiohttp, with the answers some servers give and Azurite never
+    does. By default it behaves like Azure Blob Storage: ``Range: bytes=N-`` gets a 206 with
+    ``Content-Range``, a stale ``If-Match`` a 412, a stale ``If-Range`` the whole new body (200), a range
+    past the end a 416 with ``Content-Range: bytes */<size>``. Switches:
+
+    - ``honour_range = False``: every GET is a plain 200 with the whole body (a server without ranges);
+    - ``honour_conditions = False``: ``If-Match`` and ``If-Range`` are ignored;
+    - ``chunked = True``: bodies go out chunked, without a Content-Length;
+    - ``wrong_range = True``: a range request gets a 206 of the whole blob, saying so (``bytes 0-...``);
+    - ``statuses``: statuses to answer the next requests with, bodiless, before serving again.
+
+    Every request is recorded (``requests``: path and headers) as the server saw it, then passed to
+    ``on_request`` (if set) before it is answered.
+    """
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, Blob] = {}
+        self.requests: list[SeenRequest] = []
+        self.honour_range = True
+        self.honour_conditions = True
+        self.chunked = False
+        self.wrong_range = False
+        self.statuses: list[int] = []
+        self.on_request: Callable[[SeenRequest], None] | None = None
+        self._runner: web.AppRunner | None = None
+        self.host = "127.0.0.1"
+        self.port = 0
+
+    def put(self, name: str, data: bytes, etag: str | None = None) -> str:
+        """Store (or replace) a blob; returns its ETag (a new one unless given)."""
+        blob = Blob(data, etag or f'"0x{uuid.uuid4().hex[:16].upper()}"')
+        self.blobs[name] = blob
+        return blob.etag
+
+    def url(self, name: str, via: FaultProxy | None = None) -> str:
+        """The blob's URL with a SAS-like query (the server ignores it), optionally through a proxy."""
+        where = via.address if via is not None else f"{self.host}:{self.port}"
+        return f"http://{where}/{name}?sv=2024-05-04&sr=b&sp=r&sig=NOT-A-REAL-SIGNATURE%3D"
+
+    async def start(self) -> BlobServer:
+        app = web.Application()
+        app.router.add_get("/{name:.+}", self._get)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self.port = free_port(self.host)
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        seen = SeenRequest(name, dict(request.headers))
+        self.requests.append(seen)
+        if self.on_request is not None:
+            self.on_request(seen)
+        if self.statuses:
+            return web.Response(status=self.statuses.pop(0))
+        blob = self.blobs.get(name)
+        if blob is None:
+            return web.Response(status=404)
+        data, etag = blob.data, blob.etag
+        if self.honour_conditions and request.headers.get("If-Match", etag) != etag:
+            return web.Response(status=412)
+        start = 0
+        ranged = self.honour_range and request.headers.get("Range", "").startswith("bytes=")
+        if ranged and self.honour_conditions and request.headers.get("If-Range", etag) != etag:
+            ranged = False  # changed since: the whole new body
+        if ranged:
+            first = request.headers["Range"].removeprefix("bytes=").split("-", 1)[0]
+            start = 0 if self.wrong_range else int(first)
+            if start >= len(data):
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+        headers = {"ETag": etag, "Accept-Ranges": "bytes" if self.honour_range else "none"}
+        status = 200
+        if ranged:
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = data[start:]
+        if not self.chunked:
+            return web.Response(status=status, body=body, headers=headers,
+                                content_type="application/octet-stream")
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_type = "application/octet-stream"
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(0, len(body), 65536):
+            await resp.write(body[i : i + 65536])
+        await resp.write_eof()
+        return resp
+
+
+@pytest.fixture
+async def blob_server() -> AsyncIterator[BlobServer]:
+    server = await BlobServer().start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+def blob_server_proxy(blob_server: BlobServer) -> Iterator[FaultProxy]:
+    """A fault proxy in front of ``blob_server``."""
+    with fault_proxy(blob_server.host, blob_server.port) as proxy:
         yield proxy

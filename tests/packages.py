@@ -9,6 +9,9 @@ The ONNX models are real models built with ``onnx.helper``, small enough to load
 - ``ssd_onnx(fail_on_real_images=True)``: the same, except that a Reshape's target shape grows by
   one row as soon as the image is not uniform. The blank warm-up image passes; every real image
   makes onnxruntime fail (the kind of model only real traffic can unmask: auto-rollback).
+- ``ssd_onnx(fail_at_warmup=True)``: the same signature, so it loads and a handler takes it, but the
+  box row is picked with index 7 + 0 * brightness: onnxruntime fails on every image, the blank warm-up
+  image included (an index computed from the input cannot be checked, or folded, at load time).
 - ``no_handler_onnx``: an image-to-image model (one [1, 3, 32, 32] output): no family fits it.
 - ``pose_onnx``: an Ultralytics pose export ([1, 56, N] head, task 'pose' in its metadata): it would
   decode as 52 classes of boxes, so its metadata's task refuses it.
@@ -82,7 +85,8 @@ def last(events: EventBus, state: str) -> ModelEvent | None:
 
 
 @cache
-def ssd_onnx(fail_on_real_images: bool = False, box: tuple[float, float, float, float] = (0.1, 0.2, 0.5, 0.6)) -> bytes:
+def ssd_onnx(fail_on_real_images: bool = False, box: tuple[float, float, float, float] = (0.1, 0.2, 0.5, 0.6),
+             fail_at_warmup: bool = False) -> bytes:
     """A tiny SSD-shaped ONNX model (see the module docstring). ``box`` is (ymin, xmin, ymax, xmax)."""
     n = 1
     nodes = [
@@ -100,21 +104,29 @@ def ssd_onnx(fail_on_real_images: bool = False, box: tuple[float, float, float, 
         helper.make_tensor("count_c", TensorProto.FLOAT, [1], [float(n)]),
         helper.make_tensor("boxes_flat", TensorProto.FLOAT, [4 * n], list(box)),
     ]
-    if fail_on_real_images:
+    if fail_on_real_images or fail_at_warmup:
         # The box row is picked with index 7 * min(max - min, 1): row 0 for a uniform image, row 7
-        # (there is none: onnxruntime fails) for anything else.
-        nodes += [
+        # (there is none: onnxruntime fails) for anything else. fail_at_warmup: 7 + 0 * brightness,
+        # row 7 whatever the image.
+        picks = [
+            helper.make_node("Mul", ["brightness", "c0"], ["nothing"]),
+            helper.make_node("Add", ["nothing", "c7"], ["row_f"]),
+        ] if fail_at_warmup else [
             helper.make_node("ReduceMax", ["pixels"], ["hi"], keepdims=0),
             helper.make_node("ReduceMin", ["pixels"], ["lo"], keepdims=0),
             helper.make_node("Sub", ["hi", "lo"], ["spread"]),
             helper.make_node("Min", ["spread", "c1"], ["nonuniform"]),
             helper.make_node("Mul", ["nonuniform", "c7"], ["row_f"]),
+        ]
+        nodes += [
+            *picks,
             helper.make_node("Cast", ["row_f"], ["row"], to=TensorProto.INT64),
             helper.make_node("Reshape", ["row", "shape_1"], ["rows"]),
             helper.make_node("Reshape", ["boxes_flat", "shape_boxes"], ["boxes"]),
             helper.make_node("Gather", ["boxes", "rows"], ["detection_boxes"], axis=1),
         ]
         inits += [
+            helper.make_tensor("c0", TensorProto.FLOAT, [], [0.0]),
             helper.make_tensor("c1", TensorProto.FLOAT, [], [1.0]),
             helper.make_tensor("c7", TensorProto.FLOAT, [], [7.0]),
             helper.make_tensor("shape_1", TensorProto.INT64, [1], [1]),
@@ -230,9 +242,10 @@ def package_files(
 
 
 def ssd_files(name: str = "tiny-ssd", version: str = "1", *, fail_on_real_images: bool = False,
-              extra_files: dict[str, bytes] | None = None, big: bool = False, **manifest: Any) -> dict[str, bytes]:
+              fail_at_warmup: bool = False, extra_files: dict[str, bytes] | None = None, big: bool = False,
+              **manifest: Any) -> dict[str, bytes]:
     """``big``: the model with 6 MB of weights of its own (``big_ssd_onnx``)."""
-    model = big_ssd_onnx() if big else ssd_onnx(fail_on_real_images)
+    model = big_ssd_onnx() if big else ssd_onnx(fail_on_real_images, fail_at_warmup=fail_at_warmup)
     manifest = {"handler": "onnx_ssd", "score_threshold": 0.1, **manifest}  # scores are ~brightness
     return package_files(name, version, "model.onnx", model, SSD_LABELS, extra_files=extra_files, **manifest)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,8 @@ async def client(aiohttp_client, tmp_path: Path) -> TestClient:
 
 
 async def detect(client: TestClient, body: bytes, ctype: str = "image/jpeg", query: str = "") -> tuple[int, dict]:
-    resp = await client.post(f"/detect{query}", data=body, headers={"Content-Type": ctype})
+    # A file-like body: aiohttp warns that a large bytes body could block the client's event loop.
+    resp = await client.post(f"/detect{query}", data=io.BytesIO(body), headers={"Content-Type": ctype})
     return resp.status, await resp.json()
 
 
@@ -135,6 +137,37 @@ async def test_bad_input_gets_a_json_4xx_and_the_service_keeps_serving(
     assert got["error"]["message"]
     ok_status, ok = await detect(client, ASTRONAUT)
     assert ok_status == 200 and len(ok["detections"]) == 1
+
+
+async def test_the_body_limit_is_the_apis_own_413_at_max_body_bytes(client: TestClient) -> None:
+    """``max_body_bytes`` (3,000,000 here): one byte over is refused before the body is read, with the
+    API's JSON error naming both sizes; the limit itself and one under it are read (and then refused for
+    what they are, not for their size). A body without a Content-Length (chunked) gets the same 413 once
+    it grows past the limit."""
+    limit = 3_000_000
+
+    async def post(body: bytes) -> tuple[int, dict]:
+        # A file-like body: aiohttp warns that a large bytes body could block the client's event loop.
+        resp = await client.post("/detect", data=io.BytesIO(body), headers={"Content-Type": "image/jpeg"})
+        assert resp.content_type == "application/json"
+        return resp.status, await resp.json()
+
+    status, body = await post(b"\0" * (limit + 1))
+    assert status == 413, body
+    assert body == {"error": {"code": "payload_too_large",
+                              "message": f"body of {limit + 1} bytes is over the {limit}-byte limit"}}
+    for size in (limit, limit - 1):
+        status, body = await post(b"\0" * size)
+        assert status == 400 and body["error"]["code"] == "bad_request", (size, body)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"\0" * 1_000_000
+
+    resp = await client.post("/detect", data=chunks(), headers={"Content-Type": "image/jpeg"})
+    body = await resp.json()
+    assert resp.status == 413 and body["error"]["code"] == "payload_too_large", body
+    assert str(limit) in body["error"]["message"]
 
 
 @pytest.mark.parametrize("query", ["?threshold=abc", "?threshold=1.5", "?max=0", "?max=two"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import zipfile
 from pathlib import Path
 
@@ -165,3 +166,89 @@ def test_a_bare_model_file_is_taken_as_is(tmp_path: Path) -> None:
     dest.mkdir()
     unpack_package(src, dest, LIMITS)
     assert (dest / "detector.onnx").read_bytes() == b"model bytes"
+
+
+def test_a_folder_package_is_refused_one_byte_over_the_size_limit(tmp_path: Path) -> None:
+    files = {"model.onnx": os.urandom(600_000), "labels.txt": b"a\n" * 200_000}
+    total = sum(len(d) for d in files.values())
+    src = write_folder(tmp_path / "pkg", files)
+    for limit, ok in ((total, True), (total - 1, False)):
+        dest = tmp_path / f"out-{limit}"
+        dest.mkdir()
+        limits = ArchiveLimits(max_files=16, max_bytes=limit, max_ratio=200.0)
+        if ok:
+            unpack_package(src, dest, limits)
+            assert sum(p.stat().st_size for p in dest.iterdir()) == total
+        else:
+            with pytest.raises(PackageError, match=f"holds more than {limit} bytes; the limit is {limit}"):
+                unpack_package(src, dest, limits)
+            assert list(dest.iterdir()) == [], "nothing is copied from a package that is refused"
+
+
+def understated(data: bytes, declared: int, method: int) -> bytes:
+    """A zip of one entry whose headers (local and central) say it unpacks to ``declared`` bytes."""
+    raw = bytearray(zip_of({"model.onnx": data}, method))
+    local, central = raw.index(b"PK\x03\x04"), raw.index(b"PK\x01\x02")
+    struct.pack_into("<I", raw, local + 22, declared)
+    struct.pack_into("<I", raw, central + 24, declared)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+def test_a_zip_whose_headers_understate_its_size_writes_no_more_than_they_say(tmp_path: Path, method: int) -> None:
+    """5 MB of content under headers that say 1,000 bytes, with a 1 MB limit. The declared sizes pass
+    the limit and the ratio check; Python's zipfile never yields more than the declared size of an entry
+    (and then finds the CRC of the whole content wrong), so the package is refused as corrupt and at
+    most the declared bytes were ever written. (The unpacker also counts the bytes it really writes
+    against the limits; with this reader that count cannot pass them: docs/testing.md.)"""
+    limits = ArchiveLimits(max_files=16, max_bytes=1_000_000, max_ratio=200.0)
+    package = tmp_path / "p.zip"
+    package.write_bytes(understated(bytes(5_000_000), 1000, method))
+    with zipfile.ZipFile(package) as zf:
+        assert [i.file_size for i in zf.infolist()] == [1000]  # what the reader believes
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(PackageError, match=r"model\.onnx' is corrupt"):
+        unpack_package(package, dest, limits)
+    assert sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) <= 1000
+
+
+def test_a_folder_with_a_special_file_too_many_files_or_too_many_folders_is_refused(tmp_path: Path) -> None:
+    def refused_folder(name: str, make: object) -> str:
+        src = write_folder(tmp_path / name, {"model.onnx": b"m"})
+        make(src)  # type: ignore[operator]
+        dest = tmp_path / f"{name}-out"
+        dest.mkdir()
+        with pytest.raises(PackageError) as err:
+            unpack_package(src, dest, LIMITS)
+        assert list(dest.iterdir()) == [], "nothing is copied from a package that is refused"
+        return str(err.value)
+
+    assert "notes.fifo is a special file" in refused_folder("fifo", lambda d: os.mkfifo(d / "notes.fifo"))
+    many = refused_folder("many", lambda d: [(d / f"f{i:02}.txt").write_text("x") for i in range(16)])
+    assert many == "package folder holds more than 16 files; the limit is 16"
+    folders = refused_folder("folders", lambda d: [(d / f"d{i:03}").mkdir() for i in range(300)])
+    assert folders == "the package holds more than 256 files and folders"
+
+
+def test_a_folder_keeps_its_hidden_files_but_not_a_runtime_cache(tmp_path: Path) -> None:
+    """An optimised-model cache (.ort-cache/, made per device) is left out of a folder package, and
+    only it: the files after it, hidden or in subfolders, are all taken."""
+    src = write_folder(tmp_path / "pkg", {
+        ".notes": b"by hand", ".ort-cache/model-abc.ortopt": b"derived", "model.onnx": b"m",
+        "sub/labels.txt": b"a\n",
+    })
+    dest = tmp_path / "out"
+    dest.mkdir()
+    unpack_package(src, dest, LIMITS)
+    taken = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert taken == [".notes", "model.onnx", "sub/labels.txt"]
+
+
+def test_a_compression_method_zipfile_lacks_is_refused_with_a_reason(tmp_path: Path) -> None:
+    raw = bytearray(zip_of({"model.onnx": b"m" * 100}, zipfile.ZIP_STORED))
+    local, central = raw.index(b"PK\x03\x04"), raw.index(b"PK\x01\x02")
+    struct.pack_into("<H", raw, local + 8, 9)  # 9: deflate64, which zipfile cannot read
+    struct.pack_into("<H", raw, central + 10, 9)
+    reason = refused(tmp_path, bytes(raw))
+    assert reason.startswith("archive entry 'model.onnx': ") and reason.endswith("; zip it with deflate")

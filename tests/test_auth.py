@@ -68,3 +68,14 @@ def test_a_setting_that_is_not_a_number_is_named(tmp_path: Path) -> None:
         load_settings({"data_dir": tmp_path}, env={"EDGELOADER_RESCAN_SECONDS": "abc"})
     with pytest.raises(ValueError, match=r"port \(EDGELOADER_PORT\) must be a port number from 0 to 65535, not '80a'"):
         load_settings({"data_dir": tmp_path}, env={"EDGELOADER_PORT": "80a"})
+
+
+def test_the_middleware_refuses_a_scope_it_does_not_know() -> None:
+    """Settings check the scope; the middleware checks it again, so that a caller building it directly
+    with a typo ('Admin', 'everything') gets an error instead of an API with no protected route."""
+    from supervisor.http.auth import token_middleware
+
+    for scope in ("admin", "all"):
+        token_middleware(TOKEN, scope)
+    with pytest.raises(ValueError, match=r"api_token_scope must be one of admin, all, not 'Admin'"):
+        token_middleware(TOKEN, "Admin")

@@ -21,7 +21,8 @@ from structlog.testing import capture_logs
 
 from supervisor.app import build_app
 from supervisor.fsutil import remove_tree
-from supervisor.http.keys import EVENTS, PIPELINE, REPOSITORY
+from supervisor.http.keys import ENGINE, EVENTS, PIPELINE, REPOSITORY
+from supervisor.package.reader import PackageError
 from supervisor.serving.membudget import BudgetExceeded, BudgetTimeout, MemoryBudget
 from supervisor.settings import Settings
 from supervisor.updates.repository import INSTALL_RECORD
@@ -111,6 +112,40 @@ async def test_a_folder_package_with_a_symlink_or_hard_link_to_outside_is_refuse
     assert "hard link" in reasons["hard-pkg"]
     for reason in reasons.values():
         no_leak(reason, secret_file)
+
+
+def test_the_path_rule_refuses_every_way_out(tmp_path: Path) -> None:
+    """member_path, the one rule for every name a package or an install record gives: each refusal
+    names the key (never the target), and the names it accepts come back normalised."""
+    from supervisor.package.paths import UnsafePackage, member_path
+
+    folder = write_folder(tmp_path / "pkg", {"model.onnx": b"m", "sub/labels.txt": b"a\n"})
+    (folder / "link").symlink_to(folder / "sub")
+    (folder / "sub" / "nested").mkdir()
+    key = "model.json 'model'"
+    assert member_path(folder, "./sub/labels.txt", key) == "sub/labels.txt"
+    assert member_path(folder, "sub\\labels.txt", key) == "sub/labels.txt"
+    refused = {
+        "": (UnsafePackage, "must be a file name inside the package"),
+        "  ": (UnsafePackage, "must be a file name inside the package"),
+        ".": (UnsafePackage, "must be a file name inside the package"),
+        "../pkg/model.onnx": (UnsafePackage, "no absolute path, no '..'"),
+        "/etc/passwd": (UnsafePackage, "no absolute path, no '..'"),
+        "C:model.onnx": (UnsafePackage, "no absolute path, no '..'"),
+        "a" * 300: (UnsafePackage, "cannot be read inside the package"),  # a name too long for the system
+        "link/labels.txt": (UnsafePackage, "leads through a symlink"),
+        "model.onnx/x": (PackageError, "names model.onnx/x, which is not in the package"),
+        "missing.onnx": (PackageError, "names missing.onnx, which is not in the package"),
+        "sub/nested": (UnsafePackage, "is not a regular file"),
+    }
+    for value, (kind, words) in refused.items():
+        with pytest.raises(kind) as err:
+            member_path(folder, value, key)
+        assert words in str(err.value) and str(err.value).startswith(key), (value, str(err.value))
+        assert "passwd" not in str(err.value) and str(tmp_path) not in str(err.value)
+    for value in (None, 3, ["model.onnx"]):
+        with pytest.raises(UnsafePackage, match="must be a file name inside the package"):
+            member_path(folder, value, key)
 
 
 async def test_a_stored_version_whose_install_record_points_outside_is_refused_at_load(
@@ -287,6 +322,22 @@ async def test_decodes_wait_for_memory_and_give_up_with_busy() -> None:
     assert budget.in_use == 0
 
 
+async def test_a_request_that_finds_no_decode_memory_in_time_is_503_busy(
+    aiohttp_client, settings: Settings, photo: bytes,
+) -> None:
+    """The API end of the budget: while other decodes hold all of it for longer than
+    decode_wait_seconds, a request is answered 503 busy (retry later), not 500 or a hang."""
+    client: TestClient = await aiohttp_client(build_app(settings.replace(decode_wait_seconds=0.3), services=False))
+    budget = client.app[ENGINE].decode_budget
+    async with budget.reserve(budget.limit):
+        resp = await client.post("/detect", data=photo, headers={"Content-Type": "image/jpeg"})
+        body = await resp.json()
+    assert resp.status == 503 and body["error"]["code"] == "busy", body
+    assert "retry later" in body["error"]["message"]
+    resp = await client.post("/detect", data=photo, headers={"Content-Type": "image/jpeg"})
+    assert resp.status == 200  # the budget free again, it answers
+
+
 async def _reserve_and_note(budget: MemoryBudget, amount: int, order: list[str]) -> None:
     async with budget.reserve(amount):
         order.append("second decoded")
@@ -301,7 +352,8 @@ async def test_a_multipart_flood_is_refused_at_the_part_cap(client: TestClient) 
     body = part * 100_000 + f"--{boundary}--\r\n".encode()
     health = asyncio.create_task(client.get("/healthz"))
     ctype = f"multipart/form-data; boundary={boundary}"
-    resp = await client.post("/detect", data=body, headers={"Content-Type": ctype})
+    # A file-like body: aiohttp warns that a large bytes body could block the client's event loop.
+    resp = await client.post("/detect", data=io.BytesIO(body), headers={"Content-Type": ctype})
     assert resp.status == 400
     assert "more than 8 parts" in (await resp.json())["error"]["message"]
     assert (await health).status == 200

@@ -109,8 +109,28 @@ def test_options_of_a_family_chosen_by_signature_are_checked_at_load(tmp_path: P
 
 
 def test_the_published_json_schema_is_the_one_the_code_generates() -> None:
+    """As the README says to regenerate it: the command prints exactly the published file."""
+    import subprocess
+    import sys
+
     published = json.loads((REPO / "docs" / "model.schema.json").read_text())
     assert published == manifest_schema(), "regenerate: python -m supervisor.package.manifest > docs/model.schema.json"
+    proc = subprocess.run([sys.executable, "-m", "supervisor.package.manifest"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == published
+    assert "python -m supervisor.package.manifest" in (REPO / "README.md").read_text()
+
+
+def test_a_manifest_that_is_no_object_and_versions_given_as_numbers(tmp_path: Path) -> None:
+    from supervisor.package.manifest import parse_manifest
+
+    for raw in ([], "ssd", 3, None):
+        with pytest.raises(ValueError, match=r"model\.json must hold a JSON object"):
+            parse_manifest(raw)
+    parsed = parse_manifest({"name": "ssd", "version": 3})
+    assert parsed.version == "3" and isinstance(parsed.version, str)
+    with pytest.raises(ValueError, match="version"):
+        parse_manifest({"version": True})  # a bool is no whole number
 
 
 def test_the_json_schema_checks_a_manifest_as_the_device_does() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,23 @@ async def test_a_zip_package_is_validated_installed_and_activated(
     # The bundled model it replaced is the rollback target.
     previous = repo.previous()
     assert previous is not None and previous.name == "blazeface-short-range"
+
+
+async def test_a_zip_made_on_a_mac_installs(pipeline: Pipeline, engine: Engine, repo: Repository) -> None:
+    """Finder's zips carry .DS_Store and __MACOSX/ litter: hidden files are no package content (not
+    hashed, not looked at for the model), and the files after them in the zip are all taken."""
+    import zipfile
+
+    files = ssd_files("mac", "1")
+    path = repo.inbox_dir / "mac.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(".DS_Store", b"\0\0\0\1Bud1" + bytes(100))
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr("__MACOSX/._model.onnx", b"\0\5\26\7" + bytes(50))
+    version = await pipeline.process(path, source="inbox")
+    assert version is not None and active_key(engine) == ("mac", "1")
+    assert set(version.record["file_sha256"]) == {"model.json", "model.onnx", "labels.txt"}
 
 
 async def test_folder_packages_and_name_from_the_file(pipeline: Pipeline, engine: Engine, repo: Repository) -> None:
@@ -300,3 +318,31 @@ async def test_no_rollback_once_the_new_model_has_served(
             pass
     assert last(events, "rolled_back") is None
     assert active_key(engine) == ("tiny-ssd", "1")
+
+
+async def test_activating_the_active_version_again_is_a_no_op(aiohttp_client, settings: Settings) -> None:
+    client: TestClient = await aiohttp_client(build_app(settings, services=False))
+    resp = await client.post("/models/blazeface-short-range/1/activate")
+    assert resp.status == 200
+    assert await resp.json() == {"active": {"name": "blazeface-short-range", "version": "1"}}
+    assert "activating" not in states(client.app[EVENTS])
+
+
+async def test_shutdown_stops_an_automatic_rollback_under_way(
+    pipeline: Pipeline, engine: Engine, repo: Repository, events: EventBus, photo: bytes, settings: Settings,
+) -> None:
+    """The service stops just as the failing requests have asked for a rollback: the rollback is
+    stopped and waited for, not left running behind the engine's shutdown (or half-done)."""
+    await pipeline.process(write_zip(repo.inbox_dir / "good.zip", ssd_files("tiny-ssd", "1")), source="inbox")
+    bad = ssd_files("tiny-ssd", "2", fail_on_real_images=True)
+    await pipeline.process(write_zip(repo.inbox_dir / "bad.zip", bad), source="inbox")
+    for _ in range(settings.rollback_after_failures):
+        try:
+            await engine.detect(photo)
+        except Exception:
+            pass
+    assert last(events, "failed") is not None  # the rollback was asked for...
+    await pipeline.close()  # ...and the service stops at once
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "auto-rollback"], "the rollback outlived close()"
+    assert last(events, "rolled_back") is None and active_key(engine) == ("tiny-ssd", "2")
+

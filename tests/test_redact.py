@@ -56,6 +56,25 @@ def test_processor_redacts_values_anywhere() -> None:
     assert json.loads(out)["count"] == 7
 
 
+def test_nesting_and_odd_values_never_let_a_secret_through() -> None:
+    deep: object = {"url": URL}
+    for _ in range(10):
+        deep = {"next": [deep]}
+    shallow = {"a": {"b": [URL, 3, None]}}
+    event = redact_processor(None, "info", {"event": "e", "deep": deep, "shallow": shallow})
+    assert "sig=" not in json.dumps(event, default=str)
+    assert event["shallow"] == {"a": {"b": [f"{URL.split('?')[0]}?{REDACTED}", 3, None]}}  # structure kept
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    odd = Unprintable()
+    assert redact_processor(None, "info", {"event": "e", "odd": odd})["odd"] is odd  # passed through
+    # A URL that does not even parse (an unclosed IPv6 bracket) is still redacted as text.
+    assert redact_url("https://[::1/models/m.zip?sv=1&sig=AbC%3D") == f"https://[::1/models/m.zip?{REDACTED}"
+
+
 def test_processor_redacts_tracebacks() -> None:
     try:
         raise RuntimeError(f"request to {URL} failed")
@@ -103,3 +122,33 @@ async def test_download_failures_log_and_report_no_sas(tmp_path: Path, blob_stor
         await Download(bad_host, tmp_path / "m.zip.part", retries=1, backoff_base=0.01).run()
     assert "sig=" not in err2.value.reason
     assert logs + more and "sig=" not in json.dumps(logs + more, default=str)
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_the_service_logging_set_up_redacts_every_line(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``configure_logging``, as ``edgeloader serve`` calls it: a structlog event, a stdlib record from
+    a library (the IoT SDK, aiohttp) and a traceback, each naming a SAS URL, reach stdout redacted."""
+    from supervisor.logs import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(fmt, "info")
+        log = structlog.get_logger("supervisor.test_redact")
+        log.warning("download_failed", url=URL, reason=f"GET {URL} timed out")
+        logging.getLogger("azure.iot.device.test").warning("connect failed: %s", URL)
+        try:
+            raise ConnectionError(f"cannot reach {URL}")
+        except ConnectionError:
+            log.exception("download_crashed")
+        out = capsys.readouterr().out
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        structlog.reset_defaults()
+    assert "download_failed" in out and "connect failed" in out and "cannot reach" in out
+    assert "sig=" not in out and "AbC" not in out
+    assert out.count(REDACTED) >= 4
+    if fmt == "json":
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert lines[0]["url"] == "https://acct.blob.core.windows.net/models/ssd-1.2.zip?REDACTED"

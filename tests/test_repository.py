@@ -188,3 +188,8 @@ def test_versions_ignores_unrelated_files(repo: Repository, tmp_path: Path) -> N
     (repo.models_dir / "README").write_text("not a model")
     install(repo, "m", "1")
     assert [v.key for v in repo.versions()] == [("m", "1")]
+
+
+def test_a_data_dir_without_models_has_no_versions(tmp_path: Path) -> None:
+    repo = Repository(tmp_path / "fresh")  # before ensure_layout: nothing there yet
+    assert repo.versions() == [] and repo.current() is None and repo.find_by_package_sha256("0" * 64) is None

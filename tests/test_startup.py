@@ -170,6 +170,15 @@ class Running:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=30)
 
+    def close(self) -> None:
+        """Kill the process if it still runs; end the reader and close the pipe."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
 
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[Running]:
@@ -178,9 +187,7 @@ def running(tmp_path: Path) -> Iterator[Running]:
     try:
         yield service
     finally:
-        if service.proc.poll() is None:
-            service.proc.kill()
-            service.proc.wait()
+        service.close()
 
 
 def test_serving_is_said_once_the_port_answers_and_names_it(running: Running, tmp_path: Path) -> None:

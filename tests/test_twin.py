@@ -59,6 +59,7 @@ class ScriptedPipeline:
         self.received: list[str] = []
         self.activations: list[tuple[str, str, str]] = []
         self.activation_seconds = 0.0  # how long loading and warming up a model takes
+        self.refuse_activation: set[tuple[str, str]] = set()  # (name, version) that fail to activate
         self._active: ModelEvent | None = None
         self._packages: dict[tuple[str, str], tuple[str, str]] = {}
 
@@ -73,6 +74,8 @@ class ScriptedPipeline:
 
     async def activate(self, name: str, version: str, source: str) -> None:
         package, sha = self._packages[(name, version)]
+        if (name, version) in self.refuse_activation:
+            raise RuntimeError(f"{name} {version} fails its warm-up")
         self.activations.append((name, version, source))
         self.events.publish(ModelEvent("activating", source, package, name, version, sha))
         await asyncio.sleep(self.activation_seconds)
@@ -96,6 +99,8 @@ class ScriptedPipeline:
                 if entry.startswith(".") or entry.endswith((".part", ".intent.json")):
                     continue  # as the real watcher: temp files, sidecars and dot-names are not packages
                 path = self.staging_dir / entry
+                if path.is_dir():
+                    continue  # not a download (the real watcher would take it for a folder package)
                 intent_path = self.staging_dir / f"{entry}.intent.json"
                 intent = json.loads(intent_path.read_text()) if intent_path.exists() else {}
                 data = path.read_bytes()
@@ -357,6 +362,95 @@ async def test_duplicate_desired_downloads_nothing(rig: Rig, blob_proxy: FaultPr
     assert rig.pipeline.activations[-1] == ("dup", "1", "twin")
     assert rig.sim.reported_copy()["LatestAIModelFileName"] == "dup-1.zip"
     assert blob_proxy.connections == connections
+
+
+async def test_a_desired_patch_not_newer_than_the_applied_one_is_ignored(rig: Rig, blob_proxy: FaultProxy) -> None:
+    """A notification whose $version is older than, or equal to, the one applied (late, or repeated over
+    a reconnect) is ignored: no download, no report, not even a read of the twin."""
+    version = rig.sim.set_desired(rig.desired_for("m-1.zip", package_bytes(100 * KiB, "1"), via=blob_proxy))
+    await rig.sim.wait_status("active", version)
+    other = rig.desired_for("m-2.zip", package_bytes(100 * KiB, "2"), via=blob_proxy)
+    gets, reports, connections = rig.sim.twin_gets, len(rig.sim.reported_patches), blob_proxy.connections
+    for stale in (version - 1, version):
+        rig.sim.notify_desired(other, stale)
+    await asyncio.sleep(1.0)  # two of the module's retry intervals: an answer would be out by now
+    assert rig.sim.twin_gets == gets, "a stale notification made the module read its twin"
+    assert len(rig.sim.reported_patches) == reports and blob_proxy.connections == connections
+    assert rig.pipeline.received == ["m-1.zip"]
+    newer = rig.sim.set_desired(other)  # the same properties as a newer version: taken
+    status = await rig.sim.wait_status("active", newer)
+    assert status["FileName"] == "m-2.zip"
+
+
+async def test_a_twin_read_not_newer_than_the_applied_one_changes_nothing(rig: Rig, blob_proxy: FaultProxy) -> None:
+    """After a reconnect the module reads its twin again; the same $version it applied is no new request.
+    An MD5-only request shows it best: applied again, it would be downloaded again (only the bytes tell
+    whether that package is installed), and its status reported again."""
+    desired = rig.desired_for("md5-1.zip", package_bytes(100 * KiB, "md5"), via=blob_proxy)
+    del desired["ContentSHA256"]
+    version = rig.sim.set_desired(desired)
+    await rig.sim.wait_status("active", version)
+    gets, reports, connections = rig.sim.twin_gets, len(rig.sim.reported_patches), blob_proxy.connections
+    rig.hub.proxy.offline()
+    await eventually(lambda: rig.service.hub is not None and not rig.service.hub.connected, 10, "the disconnect")
+    rig.hub.proxy.online()
+    await eventually(lambda: rig.sim.twin_gets > gets, 20, "the twin read after the reconnect")
+    await asyncio.sleep(1.0)  # a download and a report would have started by now
+    assert blob_proxy.connections == connections, "the package was downloaded again"
+    again = [p for _, p in rig.sim.reported_patches[reports:] if "ModelUpdate" in p]
+    assert again == [], f"the applied version was reported again: {again}"
+    assert rig.pipeline.received == ["md5-1.zip"] and rig.sim.status()["DesiredVersion"] == version
+
+
+async def test_an_md5_only_request_for_an_installed_package_activates_it_without_a_hand_over(
+    rig: Rig, blob_proxy: FaultProxy,
+) -> None:
+    """Without a SHA-256 only the downloaded bytes tell that the package is installed already: it is
+    activated from the repository, and the download is not handed to the pipeline as a new package."""
+    data = package_bytes(50 * KiB, "installed")
+    rig.pipeline.install("inst-3.zip", data, "inst", "3")
+    desired = rig.desired_for("inst-3.zip", data, via=blob_proxy)
+    del desired["ContentSHA256"]
+    version = rig.sim.set_desired(desired)
+    status = await rig.sim.wait_status("active", version)
+    assert status["ActiveModel"]["Name"] == "inst" and blob_proxy.connections == 1
+    assert rig.pipeline.received == [] and rig.pipeline.activations == [("inst", "3", "twin")]
+    assert os.listdir(rig.pipeline.staging_dir) == []  # the download is not left behind
+
+
+async def test_an_installed_package_that_fails_to_activate_is_reported(rig: Rig) -> None:
+    data = package_bytes(20 * KiB, "broken")
+    rig.pipeline.install("brk-1.zip", data, "brk", "1")
+    rig.pipeline.refuse_activation.add(("brk", "1"))
+    version = rig.sim.set_desired(rig.desired_for("brk-1.zip", data))
+    status = await rig.sim.wait_status("failed", version)
+    assert status["Reason"] == "activation failed: brk 1 fails its warm-up"
+
+
+async def test_a_pipeline_that_never_answers_is_reported(iot_hub: IotHub, blob_store: BlobStore,
+                                                         tmp_path: Path) -> None:
+    class Silent(ScriptedPipeline):
+        async def run(self) -> None:  # takes nothing from staging, publishes nothing
+            await asyncio.Future()
+
+    rig = Rig(iot_hub, blob_store, tmp_path, updates=Silent(tmp_path / "data"), pipeline_timeout=1.0)
+    await rig.start()
+    try:
+        version = rig.sim.set_desired(rig.desired_for("quiet-1.zip", package_bytes(10 * KiB, "quiet")))
+        status = await rig.sim.wait_status("failed", version)
+        assert status["Reason"] == "the update pipeline did not answer in time"
+    finally:
+        await rig.stop()
+
+
+async def test_a_job_that_cannot_hand_its_download_over_is_reported(rig: Rig) -> None:
+    """Something in staging/ under the package's name (a folder someone left there): the verified
+    download cannot be renamed into place; the update fails with the reason, no secret in it."""
+    (rig.pipeline.staging_dir / "blocked-1.zip").mkdir()
+    version = rig.sim.set_desired(rig.desired_for("blocked-1.zip", package_bytes(10 * KiB, "blocked")))
+    status = await rig.sim.wait_status("failed", version)
+    assert status["Reason"].startswith("IsADirectoryError") and "sig=" not in status["Reason"]
+    assert rig.pipeline.received == []
 
 
 async def test_newer_desired_supersedes_a_running_download(rig: Rig, blob_proxy: FaultProxy) -> None:
@@ -643,6 +737,22 @@ async def test_real_pipeline_rejects_invalid_package(real_rig: Rig, blob_proxy: 
     await asyncio.sleep(1.0)
     assert blob_proxy.connections == connections == 1  # reported once, not retried
     assert real_rig.sim.reported_copy()["ModelUpdate"]["ActiveModel"]["Name"] != "badsum"
+
+
+async def test_real_pipeline_a_package_rejected_before_is_reported_again(real_rig: Rig, settings: Settings,
+                                                                        wait_until: Any) -> None:
+    """The same bytes were dropped into the inbox and quarantined; asked for through the twin, the
+    pipeline recognises them: the update is reported failed, saying so (not left 'verifying')."""
+    from packages import BAD_PACKAGES
+
+    _, make, _, _ = BAD_PACKAGES["garbage-model"]
+    data = make()
+    (settings.inbox_dir / "garbage-1.zip").write_bytes(data)
+    pipeline = real_rig.pipeline
+    await wait_until(lambda: pipeline.quarantine.entries(), 15, "the dropped package to be quarantined")
+    version = real_rig.sim.set_desired(real_rig.desired_for("garbage-2.zip", data))
+    status = await real_rig.sim.wait_status("failed", version, within=20)
+    assert status["Reason"] == "already rejected (see quarantine)"
 
 
 async def test_real_pipeline_reports_a_short_reason_without_device_paths(real_rig: Rig, settings: Settings) -> None:

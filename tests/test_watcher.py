@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from packages import last, ssd_files, states, write_zip, zip_bytes
+from packages import last, ssd_files, states, write_folder, write_zip, zip_bytes
+from waiting import eventually
 
 from supervisor.app import build_app
 from supervisor.http.keys import PIPELINE
@@ -347,3 +348,167 @@ async def test_relative_folders_are_watched(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class SizeRecorder(Recorder):
+    """Also records the size of each file as it is handed over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    async def process(self, package: Path, source: str) -> None:
+        self.sizes.append(package.stat().st_size)
+        await super().process(package, source)
+
+
+async def test_a_file_that_keeps_growing_is_not_handed_over_until_it_stops(
+    settings: Settings, start_watcher: StartWatcher, write_soon: WriteSoon, wait_until: WaitUntil, tmp_path: Path,
+) -> None:
+    """A copy whose writes the OS does not report (a network share; here a file written through another
+    name, a hard link outside the inbox): after the one notification of its arrival, only the settle
+    wait itself can see it grow (size, mtime), and it must wait again until it stops. A bare model
+    file, so that no zip end marker helps."""
+    recorder = SizeRecorder()
+    await start_watcher(recorder, settle_seconds=0.25)
+    outside = tmp_path / "copying.onnx"
+    outside.write_bytes(b"\0")
+    os.link(outside, settings.inbox_dir / "detector.onnx")
+    data = os.urandom(400_000)
+    writer = write_soon(outside, data, seconds=2.0, chunks=40)  # a write every 50 ms
+    await wait_until(lambda: recorder.calls, within=10, what="the file to be handed over")
+    assert recorder.sizes == [len(data)], "handed over while it was still being written"
+    assert not writer.is_alive()
+
+
+@pytest.mark.parametrize("target", ["zip", "folder", "dangling"])
+async def test_a_symlink_dropped_as_a_package_is_quarantined(
+    pipeline: Pipeline, settings: Settings, events: EventBus, engine: Engine, start_watcher: StartWatcher,
+    wait_until: WaitUntil, tmp_path: Path, target: str,
+) -> None:
+    """A package is the file or folder itself: a symlink (to a zip, to a folder, or to nothing at all)
+    could bring in anything the service can read. It is quarantined, not followed, and what it points
+    at is left alone."""
+    elsewhere = tmp_path / "elsewhere"
+    if target == "zip":
+        pointed = write_zip(elsewhere / "m.zip", ssd_files("tiny-ssd", "9"))
+    elif target == "folder":
+        pointed = write_folder(elsewhere / "pkg", ssd_files("tiny-ssd", "9"))
+    else:
+        pointed = elsewhere / "gone.zip"
+    before = sorted(p.relative_to(tmp_path) for p in elsewhere.rglob("*")) if elsewhere.exists() else []
+    await start_watcher(pipeline)
+    link = settings.inbox_dir / "m.zip"
+    os.symlink(pointed, link)
+    rejected = await wait_until(lambda: last(events, "rejected"), within=5, what="the symlink to be rejected")
+    assert rejected.package == "m.zip" and "symlink" in (rejected.reason or "")
+    assert active_events(events) == [] and engine.active is not None
+    assert engine.active.info.name == "blazeface-short-range"
+    assert not os.path.lexists(link), "the symlink is still in the inbox"
+    [entry] = pipeline.quarantine.entries()
+    kept = settings.quarantine_dir / entry["entry"] / "m.zip"
+    assert kept.is_symlink() and os.readlink(kept) == str(pointed)  # the link itself, as dropped
+    after = sorted(p.relative_to(tmp_path) for p in elsewhere.rglob("*")) if elsewhere.exists() else []
+    assert after == before, "what the symlink points at was touched"
+
+
+async def test_a_folder_package_over_max_package_bytes_is_quarantined(
+    settings: Settings, repo: Repository, engine: Engine, events: EventBus, start_watcher: StartWatcher,
+    wait_until: WaitUntil, tmp_path: Path,
+) -> None:
+    files = ssd_files("tiny-ssd", "10", extra_files={"padding.bin": os.urandom(300_000)})
+    total = sum(len(d) for d in files.values())
+    pipeline = Pipeline(settings.replace(max_package_bytes=total - 1), repo, engine, events)
+    await pipeline.start()
+    await start_watcher(pipeline)
+    staged = write_folder(tmp_path / "pkg", files)
+    os.rename(staged, settings.inbox_dir / "big")  # dropped whole
+    rejected = await wait_until(lambda: last(events, "rejected"), within=5, what="the folder to be rejected")
+    assert rejected.package == "big"
+    assert rejected.reason == f"package folder holds more than {total - 1} bytes; the limit is {total - 1}"
+    assert active_events(events) == [] and repo.get("tiny-ssd", "10") is None
+
+
+async def test_the_inbox_removed_and_created_again_is_watched_again(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    """The inbox on a USB stick that is unplugged and plugged back: the folder goes away and comes back.
+    The watcher lives through it, and the slow rescan finds what is dropped after (the OS watch on the
+    old folder is gone)."""
+    recorder = Recorder()
+    await start_watcher(recorder, rescan_seconds=0.3)
+    settings.inbox_dir.rmdir()
+    await asyncio.sleep(1.0)  # rescans meet a missing folder
+    settings.inbox_dir.mkdir()
+    (settings.inbox_dir / "back.zip").write_bytes(zip_bytes({"a": b"x"}))
+    await wait_until(lambda: recorder.calls, within=10, what="the package dropped after the folder came back")
+    assert recorder.calls == [("back.zip", "inbox")]
+
+
+async def test_a_folder_package_with_a_temp_file_in_a_subfolder_waits(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil,
+) -> None:
+    recorder = Recorder()
+    await start_watcher(recorder)
+    folder = write_folder(settings.inbox_dir / "pkg", {"model.json": b"{}", "weights/model.onnx.part": b"m"})
+    await asyncio.sleep(settings.settle_seconds * 4)
+    assert recorder.calls == [], "handed over with a file still being copied in a subfolder"
+    os.rename(folder / "weights" / "model.onnx.part", folder / "weights" / "model.onnx")
+    await wait_until(lambda: recorder.calls, within=5, what="the folder once its copy is complete")
+
+
+async def test_stopping_the_watcher_ends_its_settle_timers(settings: Settings, repo: Repository) -> None:
+    watcher = PackageWatcher(Recorder(), settings.inbox_dir, settings.staging_dir, settle_seconds=30.0)
+    task = asyncio.create_task(watcher.run())
+    (settings.inbox_dir / "waiting.zip").write_bytes(zip_bytes({"a": b"x"}))
+    settling = await eventually(lambda: [t for t in asyncio.all_tasks() if t.get_name() == "settle:waiting.zip"],
+                                5, "the package's settle timer")
+    task.cancel()
+    # Stopped at once, not after the 30 s settle wait (a service shutdown is bounded by IoT Edge).
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert task in done and task.cancelled(), "the watcher waited for its settle timers to run out"
+    assert all(t.done() for t in settling), "a settle timer outlived the watcher"
+
+
+@pytest.mark.parametrize("error", [OSError, RuntimeError])
+async def test_a_package_that_cannot_be_looked_at_is_still_handed_over(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil, monkeypatch: pytest.MonkeyPatch,
+    error: type[Exception],
+) -> None:
+    """Whatever goes wrong while looking at a package, it is not left lying there unexplained: an
+    unreadable one (OSError: the copier may still be setting permissions) is waited for like an
+    incomplete copy, then handed over; a bug of ours (anything else) hands it over at once. The pipeline
+    says what is wrong with it. (As root, no file can be made unreadable: the check is scripted to fail.)"""
+    import supervisor.updates.watcher as watcher_module
+
+    def failing(_path: Path) -> bool:
+        raise error("cannot look")
+
+    monkeypatch.setattr(watcher_module, "is_complete_zip", failing)
+    recorder = Recorder()
+    await start_watcher(recorder, incomplete_timeout=1.0)
+    started = time.monotonic()
+    (settings.inbox_dir / "odd.zip").write_bytes(zip_bytes({"a": b"x"}))
+    await wait_until(lambda: recorder.calls, within=6, what="the package to be handed over")
+    waited = time.monotonic() - started
+    if error is OSError:
+        assert waited >= 1.0, "an unreadable package is waited for like an incomplete copy"
+    else:
+        assert waited < 1.0
+    assert recorder.calls == [("odd.zip", "inbox")]
+
+
+async def test_a_bug_while_settling_still_hands_the_package_over(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import supervisor.updates.watcher as watcher_module
+
+    def broken(_path: Path, _snap: object) -> bool:
+        raise RuntimeError("a bug in the committed-download check")
+
+    monkeypatch.setattr(watcher_module, "_is_committed", broken)
+    recorder = Recorder()
+    await start_watcher(recorder)
+    (settings.staging_dir / "m.zip").write_bytes(zip_bytes({"a": b"x"}))
+    await wait_until(lambda: recorder.calls, within=5, what="the package, despite the failing check")
+    assert recorder.calls == [("m.zip", "staging")]

@@ -118,10 +118,11 @@ def _unpack_zip(path: Path, dest: Path, limits: ArchiveLimits) -> None:
                     raise DiskFull(f"the disk filled up while unpacking {info.filename!r}",
                                    needed=declared) from exc
                 raise PackageError(f"archive entry {info.filename!r} is corrupt: {exc}") from exc
+            except NotImplementedError as exc:  # a compression method zipfile lacks (deflate64...)
+                # Before RuntimeError, of which it is a subclass (that clause caught it first).
+                raise PackageError(f"archive entry {info.filename!r}: {exc}; zip it with deflate") from exc
             except RuntimeError as exc:  # zipfile's "File is encrypted, password required"
                 raise PackageError(f"archive entry {info.filename!r} cannot be read: {exc}") from exc
-            except NotImplementedError as exc:  # a compression method zipfile lacks (deflate64...)
-                raise PackageError(f"archive entry {info.filename!r}: {exc}; zip it with deflate") from exc
 
 
 def _copy_folder(src: Path, dest: Path, limits: ArchiveLimits) -> None:

@@ -47,6 +47,8 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+# A 416's Content-Range: the blob's size (RFC 9110 14.4).
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
 # Statuses worth another try; anything else that is not 200/206/412/416 is final.
 _TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 # Room kept free beyond the package itself: the pipeline still has to unpack it.
@@ -220,10 +222,14 @@ class Download:
         os.replace(tmp, self.resume_path)
 
     async def _fetch(self, session: aiohttp.ClientSession) -> None:
-        failures = 0  # consecutive attempts that brought no new byte
+        # Consecutive attempts that brought no byte beyond the furthest point reached: bytes fetched
+        # again after a restart are no progress, or a server that answers every resume with a restart
+        # (a 416 to a blob shorter than the desired length, ETags that flap between replicas) would
+        # have the whole blob fetched over and over, for ever.
+        failures = 0
+        furthest = self.bytes_done
         while self.total is None or self.bytes_done < self.total:
             await self._gate.wait_open()
-            before = self.bytes_done
             try:
                 await self._attempt(session)
                 if self.total is not None and self.bytes_done < self.total:
@@ -239,7 +245,8 @@ class Download:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
                 continue
-            failures = 0 if self.bytes_done > before else failures + 1
+            failures = 0 if self.bytes_done > furthest else failures + 1
+            furthest = max(furthest, self.bytes_done)
             if failures > self.retries:
                 raise DownloadError(f"gave up after {self.attempts} attempts: {reason}", permanent=False)
             delay = min(self.backoff_max, self.backoff_base * 2 ** max(0, failures - 1))
@@ -273,6 +280,12 @@ class Download:
             if status in (412, 416):
                 if status == 416 and self.total is not None and offset >= self.total:
                     return
+                size = _unsatisfiable_size(resp.headers.get("Content-Range", ""))
+                if status == 416 and size is not None and self.expected_length not in (None, size):
+                    # The blob is shorter than the desired ContentLength: starting over cannot help.
+                    raise DownloadError(
+                        f"length mismatch: server has {size} bytes, desired ContentLength is {self.expected_length}"
+                    )
                 self._log.info("download_restart", status=status, done=offset)
                 await self._restart()
                 raise DownloadError(f"blob changed during download (HTTP {status})", permanent=False)
@@ -290,8 +303,11 @@ class Download:
             etag = resp.headers.get("ETag")
             if status == 200:
                 if offset:
+                    # The whole blob instead of the rest (no range support, or If-Range saw a change):
+                    # it replaces the kept bytes, and its bytes count from zero.
                     self._log.info("download_restart", status=status, done=offset)
                     await self._restart()
+                    offset = 0
                 total = resp.content_length
             else:
                 match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
@@ -395,3 +411,9 @@ class Download:
             attempts=self.attempts,
             etag=self.etag,
         )
+
+
+def _unsatisfiable_size(content_range: str) -> int | None:
+    """The size a 416's ``Content-Range: bytes */<size>`` gives, if any."""
+    match = _UNSATISFIED_RANGE.fullmatch(content_range.strip())
+    return int(match.group(1)) if match else None

@@ -26,13 +26,12 @@ from typing import Any
 import structlog
 
 from supervisor.formats import INSTALL_RECORD, TMP_PREFIX
-from supervisor.fsutil import fsync_dir, remove_tree, write_durably
+from supervisor.fsutil import fsync_dir, fsync_tree, remove_tree, write_durably
 from supervisor.package.paths import is_safe_component, member_path
 
 __all__ = ["INSTALL_RECORD", "InstalledVersion", "Repository"]
 
 log = structlog.get_logger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -145,14 +144,18 @@ class Repository:
     def install(self, workdir: Path, name: str, version: str, record: dict[str, Any]) -> InstalledVersion:
         """Move a complete package folder into models/<name>/<version>/ in one rename.
 
-        The install record is written (and fsynced) inside the workdir first, so a version folder
-        that exists in models/ is always complete."""
+        The install record is written inside the workdir first, and the workdir's files and folders
+        are fsynced before the rename, so a version folder that exists in models/ is always complete,
+        power cuts included; the rename itself is made durable before this returns."""
         target = self.models_dir / name / version
         if target.exists():
             raise FileExistsError(f"{name} {version} is already installed")
         record = {**record, "name": name, "version": version, "installed_at": time.time()}
         write_durably(workdir / INSTALL_RECORD, json.dumps(record, indent=2))
-        target.parent.mkdir(parents=True, exist_ok=True)
+        fsync_tree(workdir)
+        if not target.parent.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.models_dir)
         os.rename(workdir, target)
         fsync_dir(target.parent)
         return InstalledVersion(name, version, target, record)
