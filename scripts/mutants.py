@@ -83,7 +83,8 @@ TARGETS: dict[str, list[str]] = {
     "supervisor/serving/engine.py": ["tests/test_retire.py", "tests/test_warmup.py", "tests/test_api.py",
                                      "tests/test_holes.py", "tests/test_pipeline.py", "tests/test_inputs.py",
                                      "tests/test_swap_under_load.py"],
-    "supervisor/fsutil.py": ["tests/test_durability.py", "tests/test_repository.py", "tests/test_pipeline.py"],
+    "supervisor/fsutil.py": ["tests/test_durability.py", "tests/test_repository.py", "tests/test_pipeline.py",
+                             "tests/test_holes.py::test_remove_tree_takes_what_shutil_rmtree_cannot"],
     "supervisor/redact.py": ["tests/test_redact.py", "tests/test_download.py", "tests/test_twin.py"],
     "supervisor/http/auth.py": ["tests/test_auth.py", "tests/test_api.py"],
 }

@@ -353,9 +353,7 @@ def test_model_flag_serves_a_bare_onnx_file(tmp_path: Path, metadata: bool) -> N
         assert bool(warned) is not metadata
         assert service.stop() == 0
     finally:
-        if service.proc.poll() is None:
-            service.proc.kill()
-            service.proc.wait()
+        service.close()
 
 
 async def test_a_bare_onnx_dropped_into_the_inbox_is_served(
