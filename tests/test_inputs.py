@@ -104,10 +104,13 @@ def test_the_published_json_schema_is_the_one_the_code_generates(capsys: pytest.
     """As the README says to regenerate it (python -m supervisor.package.manifest, run here in-process):
     the command prints exactly the published file."""
     import runpy
+    import warnings
 
     published = json.loads((REPO / "docs" / "model.schema.json").read_text())
     assert published == manifest_schema(), "regenerate: python -m supervisor.package.manifest > docs/model.schema.json"
-    with pytest.raises(SystemExit) as done:
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as done:
+        # runpy warns that the module is imported already (by this file): harmless here, it runs afresh.
+        warnings.filterwarnings("ignore", "'supervisor.package.manifest' found in sys.modules", RuntimeWarning)
         runpy.run_module("supervisor.package.manifest", run_name="__main__")
     assert done.value.code == 0 and json.loads(capsys.readouterr().out) == published
     assert "python -m supervisor.package.manifest" in (REPO / "README.md").read_text()
