@@ -101,18 +101,18 @@ def test_options_of_a_family_chosen_by_signature_are_checked_at_load(tmp_path: P
 
 
 def test_the_published_json_schema_is_the_one_the_code_generates(capsys: pytest.CaptureFixture[str]) -> None:
-    """As the README says to regenerate it (python -m supervisor.package.manifest, run here in-process):
-    the command prints exactly the published file."""
-    import runpy
-    import warnings
+    """As the README says to regenerate it: the command prints exactly the published file."""
+    import subprocess
+    import sys
+
+    from supervisor.package.manifest import main
 
     published = json.loads((REPO / "docs" / "model.schema.json").read_text())
     assert published == manifest_schema(), "regenerate: python -m supervisor.package.manifest > docs/model.schema.json"
-    with warnings.catch_warnings(), pytest.raises(SystemExit) as done:
-        # runpy warns that the module is imported already (by this file): harmless here, it runs afresh.
-        warnings.filterwarnings("ignore", "'supervisor.package.manifest' found in sys.modules", RuntimeWarning)
-        runpy.run_module("supervisor.package.manifest", run_name="__main__")
-    assert done.value.code == 0 and json.loads(capsys.readouterr().out) == published
+    assert main() == 0 and json.loads(capsys.readouterr().out) == published
+    proc = subprocess.run([sys.executable, "-m", "supervisor.package.manifest"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == published
     assert "python -m supervisor.package.manifest" in (REPO / "README.md").read_text()
 
 
