@@ -64,8 +64,8 @@ test: $(STAMP) services
 bench: $(STAMP)
 	$(PY) bench/run.py
 
-# Not part of `make test`: it breaks the code on purpose, over a thousand times (about 1.5 h on 2 shared
-# cores). MUTANTS_ARGS passes options, e.g. MUTANTS_ARGS="--module supervisor/fsutil.py --jobs 2".
+# Not part of `make test`: it breaks the code on purpose, over a thousand times (about 15 min on 2 shared
+# cores; docs/testing.md). MUTANTS_ARGS passes options, e.g. MUTANTS_ARGS="--module supervisor/fsutil.py".
 mutants: $(STAMP) services
 	$(PY) scripts/mutants.py $(MUTANTS_ARGS)
 

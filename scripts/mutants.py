@@ -17,8 +17,10 @@ Log calls, docstrings, annotations and f-strings are left alone. Each mutant is 
 copy of the tree (one per job, the original file put back after each run) and the module's tests run
 there (``pytest -x``, the files mapped in TARGETS) with a time limit. A mutant is *killed* when a test
 fails, *survived* when they all pass, *timeout* when it runs past the limit (a hang is noticed too, but
-slowly). Mutants known to be equivalent (no behaviour can tell them from the original) are listed with
-the reason in ``scripts/mutants_equivalent.toml`` and counted apart; docs/testing.md explains the rest.
+slowly). ``scripts/mutants_known.toml`` lists, with the reason, the mutants no behaviour can tell from
+the original (``[equivalent]``: counted apart, not run) and the survivors no deterministic test can
+reach (``[explained]``: run, and counted as explained survivors); the run exits 1 while another
+survivor remains. docs/testing.md has the figures.
 
     make mutants                          every target, one job
     python scripts/mutants.py --module supervisor/fsutil.py --jobs 2
@@ -51,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EQUIVALENT_FILE = ROOT / "scripts" / "mutants_equivalent.toml"
+KNOWN_FILE = ROOT / "scripts" / "mutants_known.toml"
 
 # Module -> the test files that should notice a breakage in it, the quickest and most pointed first
 # (pytest -x stops at the first failure).
@@ -122,6 +124,7 @@ class Outcome:
     status: str  # killed, survived, timeout, equivalent, error
     seconds: float
     detail: str = ""
+    explained: bool = False  # a survivor whose reason is in scripts/mutants_known.toml [explained]
 
 
 # -- generating -----------------------------------------------------------------------------------------
@@ -468,11 +471,13 @@ def run_tests(tree: Tree, tests: list[str], timeout: float, trace: list[Path] | 
     if code == 0:
         skipped = re.search(r"(\d+) skipped", summary)
         return "survived", seconds, f"{skipped.group(1)} skipped" if skipped else ""
-    # A test failed, or the tests could not even be collected (an import broke). (A failed test may leave
-    # something unclosed that pytest then reports as an error of its own, with another exit code.)
-    if code in (1, 2) or failed:
+    # A test failed, the tests could not even be collected (an import broke), or pytest itself could not
+    # go on (an internal error, an exception escaping it: the module exits at import...). The unmutated
+    # tests passed in the same tree, so the mutant is what they noticed. (A failed test may also leave
+    # something unclosed that pytest reports as an error of its own, with another exit code.)
+    if code in (1, 2, 3) or failed:
         return "killed", seconds, (failed or summary)[:200]
-    return "error", seconds, (failed or summary)[:200]  # pytest's internal error, usage error, nothing collected
+    return "error", seconds, (failed or summary)[:200]  # usage error, nothing collected: the runner's fault
 
 
 @dataclass
@@ -531,33 +536,37 @@ def mutate_and_run(mutant: Mutant, tests: list[str], timeout: float, trees: queu
     return Outcome(mutant, status, round(seconds, 1), detail)
 
 
-def load_equivalents() -> dict[str, str]:
-    if not EQUIVALENT_FILE.is_file():
-        return {}
-    with EQUIVALENT_FILE.open("rb") as f:
-        return {str(k): str(v) for k, v in tomllib.load(f).items()}
+def load_known() -> tuple[dict[str, str], dict[str, str]]:
+    """(equivalent, explained) from scripts/mutants_known.toml: mutant id -> why."""
+    if not KNOWN_FILE.is_file():
+        return {}, {}
+    with KNOWN_FILE.open("rb") as f:
+        known = tomllib.load(f)
+    return dict(known.get("equivalent", {})), dict(known.get("explained", {}))
 
 
 @dataclass
 class Tally:
     mutants: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("killed", "timeout", "equivalent", "survived", "error"), 0))
+        ("killed", "timeout", "equivalent", "survived", "explained", "error"), 0))
 
-    def add(self, status: str) -> None:
+    def add(self, outcome: Outcome) -> None:
         self.mutants += 1
-        self.counts[status] += 1
+        self.counts[outcome.status] += 1
+        if outcome.explained:
+            self.counts["explained"] += 1
 
     def row(self, name: str) -> str:
         c = self.counts
         scored = self.mutants - c["equivalent"]
         score = 100.0 * (c["killed"] + c["timeout"]) / scored if scored else 100.0
         return (f"{name:<36} {self.mutants:>7} {c['killed']:>7} {c['timeout']:>7} {c['equivalent']:>10} "
-                f"{c['survived']:>8} {c['error']:>5} {score:>6.1f}%")
+                f"{c['survived']:>8} {c['explained']:>9} {c['error']:>5} {score:>6.1f}%")
 
 
 HEADER = (f"{'module':<36} {'mutants':>7} {'killed':>7} {'timeout':>7} {'equivalent':>10} {'survived':>8} "
-          f"{'error':>5} {'score':>7}")
+          f"{'explained':>9} {'error':>5} {'score':>7}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -596,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{sum(len(m) for m in plan.values())} mutants", file=sys.stderr)
         return 0
 
-    equivalents = load_equivalents()
+    equivalents, explanations = load_known()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped like Ctrl-C: cleaned up, reported
     trees: queue.Queue[Tree] = queue.Queue()
     all_trees = [Tree() for _ in range(max(1, args.jobs))]
@@ -630,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise
             if stopping.is_set():
                 return None  # cut short by the interruption: no outcome
+            if outcome.status == "survived" and mutant.id in explanations:
+                outcome.explained, outcome.detail = True, explanations[mutant.id]
             with lock:
                 outcomes.append(outcome)
                 print(f"[{len(outcomes):>4}/{total}] {marks[outcome.status]} {outcome.status:<10} "
@@ -662,19 +673,19 @@ def main(argv: list[str] | None = None) -> int:
 
     tallies: dict[str, Tally] = {}
     for outcome in outcomes:
-        tallies.setdefault(outcome.mutant.module, Tally()).add(outcome.status)
+        tallies.setdefault(outcome.mutant.module, Tally()).add(outcome)
     overall = Tally()
     for outcome in outcomes:
-        overall.add(outcome.status)
+        overall.add(outcome)
     print("\n" + HEADER)
     for module in plan:
         if module in tallies:
             print(tallies[module].row(module))
     print(overall.row("all"))
     elapsed = time.monotonic() - started
-    survivors = [o for o in outcomes if o.status in ("survived", "error")]
+    survivors = [o for o in outcomes if o.status in ("survived", "error") and not o.explained]
     if survivors:
-        print("\nsurvivors (kill them with a test, or explain them in scripts/mutants_equivalent.toml):")
+        print("\nsurvivors (kill them with a test, or say why in scripts/mutants_known.toml):")
         for o in sorted(survivors, key=lambda o: (o.mutant.module, o.mutant.line)):
             print(f"  {o.mutant.id}  {o.mutant.original[:70]!r} -> {o.mutant.replacement[:70]!r} {o.detail}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -683,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         "totals": {"mutants": overall.mutants, **overall.counts},
         "modules": {m: {"mutants": t.mutants, **t.counts} for m, t in tallies.items()},
         "mutants": [{**asdict(o.mutant), "id": o.mutant.id, "status": o.status, "seconds": o.seconds,
-                     "detail": o.detail} for o in outcomes],
+                     "detail": o.detail, "explained": o.explained} for o in outcomes],
     }
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     print(f"\n{overall.mutants} mutants in {elapsed / 60:.1f} min; results in {args.json}")

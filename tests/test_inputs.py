@@ -108,13 +108,16 @@ def test_options_of_a_family_chosen_by_signature_are_checked_at_load(tmp_path: P
         validate_package(folder, _empty(tmp_path / "work"), settings)
 
 
-def test_the_published_json_schema_is_the_one_the_code_generates() -> None:
+def test_the_published_json_schema_is_the_one_the_code_generates(capsys: pytest.CaptureFixture[str]) -> None:
     """As the README says to regenerate it: the command prints exactly the published file."""
     import subprocess
     import sys
 
+    from supervisor.package.manifest import main
+
     published = json.loads((REPO / "docs" / "model.schema.json").read_text())
     assert published == manifest_schema(), "regenerate: python -m supervisor.package.manifest > docs/model.schema.json"
+    assert main() == 0 and json.loads(capsys.readouterr().out) == published
     proc = subprocess.run([sys.executable, "-m", "supervisor.package.manifest"], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and json.loads(proc.stdout) == published

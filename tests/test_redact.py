@@ -61,9 +61,24 @@ def test_nesting_and_odd_values_never_let_a_secret_through() -> None:
     for _ in range(10):
         deep = {"next": [deep]}
     shallow = {"a": {"b": [URL, 3, None]}}
-    event = redact_processor(None, "info", {"event": "e", "deep": deep, "shallow": shallow})
+    six: object = {"url": URL}
+    for _ in range(6):
+        six = {"in": six}
+    cycle: dict[str, object] = {"url": URL}
+    cycle["self"] = cycle
+    loop: list[object] = [URL]
+    loop.append(loop)
+    event = redact_processor(None, "info", {"event": "e", "deep": deep, "shallow": shallow, "six": six,
+                                            "cycle": cycle, "loop": loop})
     assert "sig=" not in json.dumps(event, default=str)
-    assert event["shallow"] == {"a": {"b": [f"{URL.split('?')[0]}?{REDACTED}", 3, None]}}  # structure kept
+    safe = f"{URL.split('?')[0]}?{REDACTED}"
+    assert event["shallow"] == {"a": {"b": [safe, 3, None]}}  # structure kept
+    inner = event["six"]
+    for _ in range(6):  # structure kept down to the sixth level of nesting...
+        inner = inner["in"]
+    assert inner == {"url": safe}
+    assert isinstance(event["cycle"], dict) and isinstance(event["loop"], list)  # ...and one that contains
+    # itself ends, six levels down, as its text, redacted
 
     class Unprintable:
         def __str__(self) -> str:

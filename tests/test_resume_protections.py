@@ -249,3 +249,27 @@ async def test_a_body_longer_than_the_desired_length_is_cut_off(tmp_path: Path, 
         await download.run()
     assert err.value.permanent
     assert download.bytes_fetched < 1024 * KiB
+
+
+async def test_a_full_disk_stops_the_transfer_and_fails_with_the_reason(
+    tmp_path: Path, blob_server: BlobServer,
+) -> None:
+    """The disk fills up half-way (here: a file-size limit on this process, which writes hit as they
+    would a full disk): the download stops reading at once, instead of fetching the rest for nothing or
+    waiting for ever to hand the writer a chunk it will never take, and fails with the system's reason."""
+    import resource
+    import signal
+
+    data = blob_bytes(8 * 1024 * KiB, "full")
+    blob_server.put("m.zip", data)
+    download = Download(blob_server.url("m.zip"), tmp_path / "m.zip.part", **fast())
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * KiB, hard))
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            await asyncio.wait_for(download.run(), 30)  # a guard: it used to hang, on a full queue
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert download.bytes_fetched < 4 * 1024 * KiB, "the rest of the blob was fetched after the disk was full"

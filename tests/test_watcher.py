@@ -512,3 +512,26 @@ async def test_a_bug_while_settling_still_hands_the_package_over(
     (settings.staging_dir / "m.zip").write_bytes(zip_bytes({"a": b"x"}))
     await wait_until(lambda: recorder.calls, within=5, what="the package, despite the failing check")
     assert recorder.calls == [("m.zip", "staging")]
+
+
+async def test_a_package_that_goes_or_changes_while_waiting_its_turn(
+    settings: Settings, start_watcher: StartWatcher, wait_until: WaitUntil, tmp_path: Path,
+) -> None:
+    """Packages wait their turn while another one is processed. One deleted meanwhile is dropped from
+    the queue; one that changes meanwhile (written through another name: no notification) settles
+    again and is handed over as it ends up. The queue goes on either way."""
+    recorder = SizeRecorder()
+    recorder.seconds = 2.0  # the first package takes that long
+    await start_watcher(recorder)
+    (settings.inbox_dir / "first.zip").write_bytes(zip_bytes({"a": b"x"}))
+    await wait_until(lambda: recorder.calls, within=5, what="the first package to be taken")
+    (settings.inbox_dir / "gone.zip").write_bytes(zip_bytes({"b": b"y"}))
+    outside = tmp_path / "copying.onnx"
+    outside.write_bytes(b"\0" * 1000)
+    os.link(outside, settings.inbox_dir / "grows.onnx")
+    await asyncio.sleep(0.8)  # both settle and wait in the queue behind the first
+    (settings.inbox_dir / "gone.zip").unlink()
+    with outside.open("ab") as f:
+        f.write(b"\1" * 500)
+    await wait_until(lambda: len(recorder.calls) == 2, within=8, what="the changed package")
+    assert recorder.names() == ["first.zip", "grows.onnx"] and recorder.sizes[1] == 1500

@@ -357,9 +357,8 @@ class Download:
                 received += len(chunk)
                 if self.total is not None and received > self.total:
                     raise DownloadError(f"server sent more than the {self.total} bytes it announced")
-                if writer.done():
-                    break
-                await queue.put(chunk)
+                if writer.done() or not await _hand_to(writer, queue, chunk):
+                    break  # the writer stopped (a full disk): finish() raises its error
                 await self._gate.take(len(chunk))
         except asyncio.CancelledError:
             writer.cancel()
@@ -411,6 +410,21 @@ class Download:
             attempts=self.attempts,
             etag=self.etag,
         )
+
+
+async def _hand_to(writer: asyncio.Task[None], queue: asyncio.Queue[bytes | None], chunk: bytes) -> bool:
+    """Queue ``chunk`` for ``writer``; False if the writer stops first. (Waiting on a full queue alone
+    would wait for ever once the writer has died of a full disk: nothing takes from the queue any more.)"""
+    if not queue.full():
+        queue.put_nowait(chunk)
+        return True
+    put = asyncio.ensure_future(queue.put(chunk))
+    await asyncio.wait([put, writer], return_when=asyncio.FIRST_COMPLETED)
+    if put.done():
+        return True
+    put.cancel()
+    await asyncio.wait([put])
+    return False
 
 
 def _unsatisfiable_size(content_range: str) -> int | None:

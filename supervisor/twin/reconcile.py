@@ -51,9 +51,6 @@ class Updates(Protocol):
     @property
     def staging_dir(self) -> Path: ...
 
-    @property
-    def data_dir(self) -> Path: ...
-
     def find_package(self, sha256: str) -> tuple[str, str] | None:
         """(name, version) installed from a package with this SHA-256, or None."""
 

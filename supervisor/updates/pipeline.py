@@ -82,10 +82,6 @@ class Pipeline:
     def staging_dir(self) -> Path:
         return self.repo.staging_dir
 
-    @property
-    def data_dir(self) -> Path:
-        return self.repo.data_dir
-
     def find_package(self, sha256: str) -> tuple[str, str] | None:
         version = self.repo.find_by_package_sha256(sha256)
         return version.key if version else None
