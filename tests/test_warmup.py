@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from aiohttp.test_utils import TestClient
 from packages import last, ssd_files, states, write_folder, write_zip
 
@@ -95,3 +96,19 @@ def test_verify_refuses_a_model_that_fails_its_warm_up(tmp_path: Path, capsys) -
     package = write_zip(tmp_path / "bad.zip", ssd_files("tiny-ssd", "2", fail_at_warmup=True))
     assert verify_main([str(package)]) != 0
     assert "warm-up inference failed" in capsys.readouterr().err
+
+
+async def test_a_default_model_that_fails_its_warm_up_leaves_nothing_behind(
+    settings: Settings, repo: Repository, engine: Engine, events: EventBus, tmp_path: Path,
+) -> None:
+    """The bundled default (settings.bundled_model, here one that fails its warm-up) is the last model
+    start-up can serve: it refuses to start with the reason, and its half-built version is not left in
+    staging/ nor installed."""
+    from supervisor.errors import ModelInvalid
+
+    bundled = write_folder(tmp_path / "bundled", ssd_files("default", "1", fail_at_warmup=True))
+    pipeline = Pipeline(settings.replace(bundled_model=bundled), repo, engine, events)
+    with pytest.raises(ModelInvalid, match="warm-up inference failed"):
+        await pipeline.start()
+    assert engine.active is None and repo.versions() == []
+    assert list(repo.staging_dir.iterdir()) == []
